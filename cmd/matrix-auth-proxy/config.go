@@ -1,0 +1,142 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"reflect"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caarlos0/env/v11"
+	"go.uber.org/zap/zapcore"
+)
+
+// Config is the whole configuration: environment variables only. README.md
+// documents each variable; keep the two in step.
+type Config struct {
+	UpstreamURL       string        `env:"UPSTREAM_URL" envDefault:"http://127.0.0.1:8008"`
+	ListenAddr        string        `env:"LISTEN_ADDR" envDefault:":8080"`
+	AdminAddr         string        `env:"ADMIN_ADDR" envDefault:":9090"`
+	CacheSize         int           `env:"CACHE_SIZE" envDefault:"100000"`
+	CacheTTL          time.Duration `env:"CACHE_TTL" envDefault:"2m"`
+	CacheNegativeTTL  time.Duration `env:"CACHE_NEGATIVE_TTL" envDefault:"10s"`
+	UpstreamTimeout   time.Duration `env:"UPSTREAM_TIMEOUT" envDefault:"10s"`
+	ReadinessInterval time.Duration `env:"READINESS_INTERVAL" envDefault:"5s"`
+	ShutdownDelay     time.Duration `env:"SHUTDOWN_DELAY" envDefault:"5s"`
+	ShutdownTimeout   time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"20s"`
+	LogLevel          string        `env:"LOG_LEVEL" envDefault:"info"`
+	LogFormat         string        `env:"LOG_FORMAT" envDefault:"json"`
+
+	// Derived by loadConfig.
+	upstream *url.URL
+	level    zapcore.Level
+}
+
+// configError names the environment variable that is wrong, never the Go
+// field: the operator writes manifests, not Go.
+type configError struct {
+	Var, Problem string
+}
+
+func (e *configError) Error() string { return e.Var + ": " + e.Problem }
+
+// loadConfig reads the configuration from environ (the process environment
+// in production, a map in tests) and checks every value.
+func loadConfig(environ map[string]string) (Config, error) {
+	cfg, err := env.ParseAsWithOptions[Config](env.Options{Environment: environ})
+	if err != nil {
+		return cfg, translateEnvError(err, environ)
+	}
+	return cfg, cfg.validate()
+}
+
+// translateEnvError turns caarlos0/env's errors, which name struct fields,
+// into configErrors naming variables. Only the first is reported: one line.
+func translateEnvError(err error, environ map[string]string) error {
+	var agg env.AggregateError
+	if errors.As(err, &agg) && len(agg.Errors) > 0 {
+		err = agg.Errors[0]
+	}
+	var pe env.ParseError
+	if !errors.As(err, &pe) {
+		return err
+	}
+	f, ok := reflect.TypeFor[Config]().FieldByName(pe.Name)
+	if !ok {
+		return err
+	}
+	name, _, _ := strings.Cut(f.Tag.Get("env"), ",")
+	val := strconv.Quote(environ[name])
+	switch f.Type {
+	case reflect.TypeFor[time.Duration]():
+		return &configError{name, val + " is not a duration (use Go syntax: 500ms, 10s, 2m, 1h)"}
+	case reflect.TypeFor[int]():
+		return &configError{name, val + " is not a whole number"}
+	}
+	return &configError{name, val + " is not valid: " + pe.Err.Error()}
+}
+
+func (c *Config) validate() error {
+	u, err := url.Parse(c.UpstreamURL)
+	switch {
+	case err != nil:
+		return &configError{"UPSTREAM_URL", fmt.Sprintf("%q is not a URL", c.UpstreamURL)}
+	case u.Scheme != "http" && u.Scheme != "https", u.Host == "":
+		return &configError{"UPSTREAM_URL", fmt.Sprintf("%q must be http:// or https:// with a host, like http://127.0.0.1:8008", c.UpstreamURL)}
+	case u.RawQuery != "" || u.Fragment != "" || u.User != nil:
+		return &configError{"UPSTREAM_URL", fmt.Sprintf("%q must not carry a query, fragment or user info", c.UpstreamURL)}
+	}
+	c.upstream = u
+	for _, a := range []struct{ name, val string }{{"LISTEN_ADDR", c.ListenAddr}, {"ADMIN_ADDR", c.AdminAddr}} {
+		if err := checkAddr(a.val); err != nil {
+			return &configError{a.name, fmt.Sprintf("%q %v", a.val, err)}
+		}
+	}
+	if c.ListenAddr == c.AdminAddr {
+		return &configError{"ADMIN_ADDR", fmt.Sprintf("%q is also LISTEN_ADDR: metrics must never be served to clients", c.AdminAddr)}
+	}
+	if c.CacheSize < 1 {
+		return &configError{"CACHE_SIZE", fmt.Sprintf("%d must be at least 1", c.CacheSize)}
+	}
+	for _, d := range []struct {
+		name   string
+		val    time.Duration
+		zeroOK bool
+	}{
+		{"CACHE_TTL", c.CacheTTL, false},
+		{"CACHE_NEGATIVE_TTL", c.CacheNegativeTTL, true}, // 0 disables negative caching
+		{"UPSTREAM_TIMEOUT", c.UpstreamTimeout, false},
+		{"READINESS_INTERVAL", c.ReadinessInterval, false},
+		{"SHUTDOWN_DELAY", c.ShutdownDelay, true},
+		{"SHUTDOWN_TIMEOUT", c.ShutdownTimeout, true},
+	} {
+		if d.val < 0 || (d.val == 0 && !d.zeroOK) {
+			want := "must be positive"
+			if d.zeroOK {
+				want = "must not be negative"
+			}
+			return &configError{d.name, fmt.Sprintf("%s %s", d.val, want)}
+		}
+	}
+	if c.level, err = zapcore.ParseLevel(c.LogLevel); err != nil {
+		return &configError{"LOG_LEVEL", fmt.Sprintf("%q is not one of debug, info, warn, error", c.LogLevel)}
+	}
+	if c.LogFormat != "json" && c.LogFormat != "console" {
+		return &configError{"LOG_FORMAT", fmt.Sprintf("%q is not json or console", c.LogFormat)}
+	}
+	return nil
+}
+
+func checkAddr(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return errors.New("is not host:port (e.g. :8080 or 127.0.0.1:8080)")
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return errors.New("has no valid port number")
+	}
+	return nil
+}

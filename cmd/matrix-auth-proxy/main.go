@@ -1,0 +1,209 @@
+// Command matrix-auth-proxy is a sidecar in front of a Matrix homeserver: it
+// answers GET /account/whoami from a token cache and forwards everything else.
+// This file only wires: configuration, logger, registry, listeners, shutdown.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/proxy"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
+)
+
+// version is stamped at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+// Exit codes.
+const (
+	exitOK     = 0
+	exitFailed = 1
+	exitConfig = 2
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		// After the first signal, restore the default action: a second
+		// Ctrl-C or SIGTERM ends the process at once.
+		<-ctx.Done()
+		stop()
+	}()
+	os.Exit(run(ctx, environ(), os.Stderr))
+}
+
+func environ() map[string]string {
+	m := map[string]string{}
+	for _, kv := range os.Environ() {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+// run serves until ctx is done (SIGTERM or SIGINT), then shuts down
+// gracefully, and returns the exit code. Logs go to logOut.
+func run(ctx context.Context, env map[string]string, logOut io.Writer) int {
+	cfg, err := loadConfig(env)
+	if err != nil {
+		fmt.Fprintf(logOut, "matrix-auth-proxy: invalid configuration: %v\n", err)
+		return exitConfig
+	}
+	log := newLogger(cfg, logOut)
+	defer func() { _ = log.Sync() }()
+	if err := serve(ctx, cfg, log); err != nil {
+		log.Error("stopped", zap.Error(err))
+		return exitFailed
+	}
+	return exitOK
+}
+
+func newLogger(cfg Config, out io.Writer) *zap.Logger {
+	ec := zap.NewProductionEncoderConfig()
+	ec.EncodeTime = zapcore.ISO8601TimeEncoder
+	enc := zapcore.NewJSONEncoder(ec)
+	if cfg.LogFormat == "console" {
+		enc = zapcore.NewConsoleEncoder(ec)
+	}
+	return zap.New(zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(out)), cfg.level))
+}
+
+func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	transport := upstream.NewTransport(cfg.UpstreamTimeout)
+	defer transport.CloseIdleConnections()
+	client, err := upstream.New(cfg.upstream, transport)
+	if err != nil {
+		return err
+	}
+	p, err := proxy.New(proxy.Config{
+		Upstream:  cfg.upstream,
+		Transport: transport,
+		Cache: tokencache.Config{
+			Size:          cfg.CacheSize,
+			TTL:           cfg.CacheTTL,
+			NegativeTTL:   cfg.CacheNegativeTTL,
+			LookupTimeout: cfg.UpstreamTimeout,
+		},
+		Logger:     log,
+		Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+
+	clientLn, err := net.Listen("tcp", cfg.ListenAddr)
+	if err != nil {
+		return fmt.Errorf("LISTEN_ADDR: %w", err)
+	}
+	adminLn, err := net.Listen("tcp", cfg.AdminAddr)
+	if err != nil {
+		clientLn.Close()
+		return fmt.Errorf("ADMIN_ADDR: %w", err)
+	}
+
+	probe := upstream.NewProbe(client, cfg.ReadinessInterval, cfg.UpstreamTimeout)
+	var draining atomic.Bool
+	clientSrv := &http.Server{
+		Handler: p,
+		// No ReadTimeout or WriteTimeout: media uploads and downloads can
+		// take long, and /sync long-polls hold the response for minutes.
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		// Let the homeserver answer "OPTIONS *" like any other request.
+		DisableGeneralOptionsHandler: true,
+		ErrorLog:                     zap.NewStdLog(log.Named("http")),
+	}
+	adminSrv := &http.Server{
+		Handler:           adminMux(reg, probe, &draining),
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		ErrorLog:          zap.NewStdLog(log.Named("admin")),
+	}
+
+	probeCtx, stopProbe := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() { probe.Run(probeCtx) })
+	errc := make(chan error, 2)
+	for _, s := range []struct {
+		srv *http.Server
+		ln  net.Listener
+	}{{clientSrv, clientLn}, {adminSrv, adminLn}} {
+		wg.Go(func() {
+			if err := s.srv.Serve(s.ln); !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		})
+	}
+	log.Info("started", zap.String("version", version), zap.String("listen", clientLn.Addr().String()),
+		zap.String("admin", adminLn.Addr().String()), zap.String("upstream", cfg.upstream.Redacted()))
+
+	var serveErr error
+	select {
+	case <-ctx.Done():
+	case serveErr = <-errc:
+	}
+
+	// Fail /readyz first and keep serving for SHUTDOWN_DELAY, so Kubernetes
+	// takes the pod out of its Service before connections are refused.
+	draining.Store(true)
+	if serveErr == nil {
+		log.Info("shutting down: /readyz now fails", zap.Duration("delay", cfg.ShutdownDelay))
+		time.Sleep(cfg.ShutdownDelay)
+	}
+	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if err := clientSrv.Shutdown(shutCtx); err != nil {
+		log.Warn("in-flight requests cut at SHUTDOWN_TIMEOUT", zap.Error(err))
+		clientSrv.Close()
+	}
+	stopProbe()
+	adminCtx, cancelAdmin := context.WithTimeout(context.Background(), time.Second)
+	defer cancelAdmin()
+	if err := adminSrv.Shutdown(adminCtx); err != nil {
+		adminSrv.Close()
+	}
+	wg.Wait()
+	log.Info("stopped")
+	return serveErr
+}
+
+func adminMux(reg *prometheus.Registry, probe *upstream.Probe, draining *atomic.Bool) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		switch {
+		case draining.Load():
+			http.Error(w, "shutting down", http.StatusServiceUnavailable)
+		case !probe.Ready():
+			http.Error(w, "homeserver not answering /_matrix/client/versions", http.StatusServiceUnavailable)
+		default:
+			_, _ = io.WriteString(w, "ok\n")
+		}
+	})
+	mux.Handle("GET /metrics", promhttp.InstrumentMetricHandler(reg, promhttp.HandlerFor(reg, promhttp.HandlerOpts{})))
+	return mux
+}

@@ -1,0 +1,98 @@
+package proxy
+
+import (
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+)
+
+// metrics are the proxy's Prometheus metrics. Every label takes values from a
+// small fixed set: a route name, a status code, a result, a reason, an error
+// kind. Never a token, user, room or raw path.
+type metrics struct {
+	requests          *prometheus.CounterVec
+	duration          *prometheus.HistogramVec
+	durationByRoute   [numRoutes]prometheus.Observer
+	lookups           *prometheus.CounterVec
+	lookupsByResult   [3]prometheus.Counter
+	invalidations     *prometheus.CounterVec
+	upstreamWhoami    *prometheus.CounterVec
+	upstreamErrors    *prometheus.CounterVec
+	upstreamErrByKind map[string]prometheus.Counter
+}
+
+const namespace = "matrix_auth_proxy"
+
+func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error) {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "requests_total",
+			Help: "Client requests handled, by route and HTTP status code.",
+		}, []string{"route", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "request_duration_seconds",
+			Help:    "Time to answer client requests, by route (for proxied requests: until the response headers and body were handed on).",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
+		}, []string{"route"}),
+		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "token_cache_lookups_total",
+			Help: "Token cache lookups: hit (valid token answered from memory), negative_hit (unknown token answered from memory), miss.",
+		}, []string{"result"}),
+		invalidations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "token_cache_invalidations_total",
+			Help: "Token cache entries dropped, by reason.",
+		}, []string{"reason"}),
+		upstreamWhoami: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "upstream_whoami_requests_total",
+			Help: "whoami lookups the proxy sent to the homeserver, by HTTP status code of the answer.",
+		}, []string{"code"}),
+		upstreamErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "upstream_errors_total",
+			Help: "Requests to the homeserver that got no HTTP answer, by kind (timeout, refused, other).",
+		}, []string{"kind"}),
+	}
+	entries := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "token_cache_entries",
+		Help: "Answers held in the token cache (positive and negative).",
+	}, func() float64 { return float64(cacheLen()) })
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.lookups, m.invalidations, m.upstreamWhoami, m.upstreamErrors, entries} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	// Resolve the children used on every request once, and make every
+	// expected series exist from the start (a rate() over a series that
+	// appears late misses its first increments).
+	for n := range numRoutes {
+		m.durationByRoute[n] = m.duration.WithLabelValues(n.String())
+	}
+	for _, r := range []tokencache.Result{tokencache.Miss, tokencache.Hit, tokencache.NegativeHit} {
+		m.lookupsByResult[r] = m.lookups.WithLabelValues(r.String())
+	}
+	m.upstreamErrByKind = map[string]prometheus.Counter{}
+	for _, k := range []string{"timeout", "refused", "other"} {
+		m.upstreamErrByKind[k] = m.upstreamErrors.WithLabelValues(k)
+	}
+	for _, r := range []tokencache.Reason{reasonLogout, reasonLogoutAll, reasonDevice, reasonPassword,
+		reasonDeactivate, reasonLogin, reasonUnknownToken, tokencache.ReasonCapacity, tokencache.ReasonExpired} {
+		m.invalidations.WithLabelValues(string(r))
+	}
+	return m, nil
+}
+
+func (m *metrics) observe(route routeName, code int, seconds float64) {
+	m.requests.WithLabelValues(route.String(), strconv.Itoa(code)).Inc()
+	m.durationByRoute[route].Observe(seconds)
+}
+
+func (m *metrics) upstreamError(kind string) {
+	if c, ok := m.upstreamErrByKind[kind]; ok {
+		c.Inc()
+	}
+}
+
+func (m *metrics) dropped(reason tokencache.Reason, n int) {
+	m.invalidations.WithLabelValues(string(reason)).Add(float64(n))
+}

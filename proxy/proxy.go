@@ -1,0 +1,244 @@
+// Package proxy is the HTTP face of matrix-auth-proxy: it answers
+// GET /account/whoami from the token cache, forwards everything else to the
+// homeserver with an httputil.ReverseProxy, drops cache entries when a
+// forwarded call revoked tokens, and counts it all in Prometheus metrics.
+//
+// routes.go is the one table of which routes are answered, which revoke what
+// and what passes through. The package does not decide what "recently
+// answered" means for readiness, parse configuration or own listeners: that
+// is cmd/matrix-auth-proxy's wiring.
+package proxy
+
+import (
+	"errors"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
+)
+
+// Config holds what a Proxy is built from.
+type Config struct {
+	// Upstream is the homeserver's base URL. Required.
+	Upstream *url.URL
+	// Transport carries every request to the homeserver, proxied ones and
+	// the proxy's own whoami lookups. Required; upstream.NewTransport makes
+	// a suitable one.
+	Transport http.RoundTripper
+	// Hasher derives cache keys from tokens. Nil means a random key, which
+	// is right for a single replica.
+	Hasher *tokencache.Hasher
+	// Cache sizes the token cache. OnDrop is set by New (metrics).
+	Cache tokencache.Config
+	// Logger receives warnings and, at debug level, one line per request.
+	// Tokens never reach it. Nil means no logging.
+	Logger *zap.Logger
+	// Registerer receives the proxy's metrics. Required: pass the proxy's
+	// own registry, not the global one.
+	Registerer prometheus.Registerer
+}
+
+// Proxy is an http.Handler for the client-facing listener.
+type Proxy struct {
+	target  *url.URL
+	lookups *upstream.Client
+	cache   *tokencache.Cache
+	hasher  *tokencache.Hasher
+	rp      *httputil.ReverseProxy
+	log     *zap.Logger
+	m       *metrics
+	replays replayInterner
+	now     func() time.Time
+	writers sync.Pool // of *statusWriter
+}
+
+// New returns a Proxy, or an error naming what is missing or wrong.
+func New(cfg Config) (*Proxy, error) {
+	if cfg.Transport == nil || cfg.Registerer == nil {
+		return nil, errors.New("proxy: Transport and Registerer are required")
+	}
+	lookups, err := upstream.New(cfg.Upstream, cfg.Transport)
+	if err != nil {
+		return nil, err
+	}
+	p := &Proxy{target: cfg.Upstream, lookups: lookups, hasher: cfg.Hasher, log: cfg.Logger, now: time.Now}
+	if p.log == nil {
+		p.log = zap.NewNop()
+	}
+	if cfg.Cache.Now != nil {
+		p.now = cfg.Cache.Now
+	}
+	if p.hasher == nil {
+		if p.hasher, err = tokencache.NewHasher(nil); err != nil {
+			return nil, err
+		}
+	}
+	var cacheLen func() int
+	if p.m, err = newMetrics(cfg.Registerer, func() int { return cacheLen() }); err != nil {
+		return nil, err
+	}
+	cc := cfg.Cache
+	cc.OnDrop = p.m.dropped
+	if p.cache, err = tokencache.New(cc); err != nil {
+		return nil, err
+	}
+	cacheLen = p.cache.Len
+	p.writers.New = func() any { return new(statusWriter) }
+	p.rp = &httputil.ReverseProxy{
+		Rewrite:        p.rewrite,
+		Transport:      cfg.Transport,
+		ModifyResponse: p.modifyResponse,
+		ErrorHandler:   p.proxyError,
+		BufferPool:     newBufferPool(),
+		ErrorLog:       zap.NewStdLog(p.log.Named("reverseproxy")),
+	}
+	return p, nil
+}
+
+// Cache returns the token cache, for wiring that must reach it (tests, a
+// future invalidation bus).
+func (p *Proxy) Cache() *tokencache.Cache { return p.cache }
+
+// ServeHTTP routes a client request (see routes.go).
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	rt := classify(r)
+	sw := p.writers.Get().(*statusWriter)
+	sw.ResponseWriter, sw.code = w, 0
+	defer func() {
+		code := sw.code
+		if code == 0 {
+			code = 499 // nothing was written: the client went away
+		}
+		elapsed := time.Since(start)
+		p.m.observe(rt.name, code, elapsed.Seconds())
+		if ce := p.log.Check(zap.DebugLevel, "request"); ce != nil {
+			ce.Write(zap.String("route", rt.name.String()), zap.String("method", r.Method),
+				zap.String("path", r.URL.EscapedPath()), zap.String("query", redactQuery(r.URL.RawQuery)),
+				zap.Int("status", code), zap.Duration("duration", elapsed), zap.String("client", clientIP(r)))
+		}
+		sw.ResponseWriter = nil
+		p.writers.Put(sw)
+	}()
+	switch rt.action {
+	case actPass:
+		p.rp.ServeHTTP(sw, r)
+	case actWhoami:
+		p.serveWhoami(sw, r)
+	default:
+		p.serveRevoking(sw, r, rt)
+	}
+}
+
+// rewrite is the ReverseProxy's Rewrite. ReverseProxy has already removed
+// hop-by-hop headers and the client's own X-Forwarded-*/Forwarded headers
+// from pr.Out: a client cannot choose the address the homeserver records
+// (Synapse takes the first X-Forwarded-For entry, so appending would not do).
+func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
+	pr.SetURL(p.target)
+	setForwarded(pr.Out.Header, pr.In)
+}
+
+// setForwarded sets X-Forwarded-For/Proto/Host for a request to the
+// homeserver on behalf of in.
+func setForwarded(h http.Header, in *http.Request) {
+	if ip := clientIP(in); ip != "" {
+		h["X-Forwarded-For"] = []string{ip}
+	}
+	if in.TLS != nil {
+		h["X-Forwarded-Proto"] = []string{"https"}
+	} else {
+		h["X-Forwarded-Proto"] = []string{"http"}
+	}
+	if in.Host != "" {
+		h["X-Forwarded-Host"] = []string{in.Host}
+	}
+}
+
+// clientIP is the address of the client on the other end of the connection.
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return ""
+	}
+	return host
+}
+
+// proxyError is the ReverseProxy's ErrorHandler: the homeserver gave no HTTP
+// answer. A timeout is a 504, anything else a 502, both with a Matrix error;
+// never a 401, which would log the client out. A client that went away gets
+// nothing and makes no noise.
+func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	kind := upstream.ErrorKind(err)
+	if r.Context().Err() != nil || kind == upstream.KindCanceled {
+		return
+	}
+	p.upstreamFailed(w, r, kind, err)
+}
+
+func (p *Proxy) upstreamFailed(w http.ResponseWriter, r *http.Request, kind string, err error) {
+	p.m.upstreamError(kind)
+	p.log.Warn("homeserver request failed", zap.String("method", r.Method),
+		zap.String("path", r.URL.EscapedPath()), zap.String("kind", kind), zap.Error(err))
+	if kind == upstream.KindTimeout {
+		errGatewayTimeout.write(w)
+		return
+	}
+	errBadGateway.write(w)
+}
+
+// modifyResponse is the ReverseProxy's ModifyResponse: it applies
+// invalidations once the homeserver has answered, before the client sees the
+// answer, so a client that logs out and asks whoami at once gets a 401.
+func (p *Proxy) modifyResponse(resp *http.Response) error {
+	if resp.StatusCode == http.StatusUnauthorized {
+		p.passiveInvalidation(resp)
+	}
+	if pl, ok := resp.Request.Context().Value(planKey{}).(*plan); ok {
+		p.applyPlan(pl, resp)
+	}
+	return nil
+}
+
+// statusWriter remembers the status code for metrics. It unwraps, so the
+// ReverseProxy's http.ResponseController still reaches Flush and Hijack
+// (WebSocket upgrades) of the real writer.
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.code == 0 && code >= 200 {
+		w.code = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.code == 0 {
+		w.code = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// bufferPool recycles the ReverseProxy's copy buffers (32 KiB each) instead
+// of allocating one per proxied body.
+type bufferPool struct{ pool sync.Pool }
+
+func newBufferPool() *bufferPool {
+	return &bufferPool{pool: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+}
+
+func (b *bufferPool) Get() []byte  { return *b.pool.Get().(*[]byte) }
+func (b *bufferPool) Put(p []byte) { b.pool.Put(&p) }

@@ -1,0 +1,289 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+)
+
+// Reasons for invalidation, the values of the reason label.
+const (
+	reasonLogout       tokencache.Reason = "logout"
+	reasonLogoutAll    tokencache.Reason = "logout_all"
+	reasonDevice       tokencache.Reason = "device"
+	reasonPassword     tokencache.Reason = "password"
+	reasonDeactivate   tokencache.Reason = "deactivate"
+	reasonLogin        tokencache.Reason = "login"
+	reasonUnknownToken tokencache.Reason = "unknown_token"
+)
+
+// maxBody bounds the request and response bodies the proxy reads to learn
+// what a call revoked. Bodies are still forwarded whole; one over the bound
+// is treated as unreadable, which invalidates more, never less.
+const maxBody = 64 << 10
+
+// plan is what a revoking request will invalidate if the homeserver says
+// yes. It travels to modifyResponse in the request's context.
+type plan struct {
+	route route
+	start time.Time // for expires_in_ms: the token cannot outlive start+expiry
+	// The caller, resolved before forwarding (afterwards a revoked token no
+	// longer resolves).
+	token    tokencache.TokenID
+	hasToken bool
+	user     string // empty: unknown
+	device   string
+	// known is false when the caller could not be resolved (no token, an
+	// odd request, the homeserver failing the lookup): a 2xx then flushes
+	// the whole cache, since whose entries it revoked cannot be told.
+	known bool
+	// The request body, for routes whose body says what is revoked.
+	body         []byte
+	bodyComplete bool
+}
+
+type planKey struct{}
+
+// needsCaller says which actions must know the caller's user and device.
+func needsCaller(a action) bool {
+	switch a {
+	case actLogout, actLogoutAll, actDeleteDevice, actDeleteDevices, actPassword, actDeactivate:
+		return true
+	}
+	return false
+}
+
+func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route) {
+	pl := &plan{route: rt, start: p.now()}
+	if needsCaller(rt.action) {
+		p.resolveCaller(r, pl)
+	}
+	if rt.action == actDeleteDevices || rt.action == actPassword {
+		pl.body, pl.bodyComplete = readBody(r)
+	}
+	p.rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), planKey{}, pl)))
+}
+
+// resolveCaller fills in who is making a revoking request: from the cache, or
+// with a whoami lookup (which also caches the answer).
+func (p *Proxy) resolveCaller(r *http.Request, pl *plan) {
+	c, ok := extractCredentials(r)
+	if !ok {
+		if tok := tokenOnly(r); tok != "" {
+			pl.token, pl.hasToken = p.hasher.Token(tok), true
+		}
+		return
+	}
+	pl.token, pl.hasToken = p.hasher.Token(c.token), true
+	key := p.hasher.Key(c.token, c.masq)
+	a, res := p.cache.Get(key)
+	if res == tokencache.Miss {
+		var err error
+		if a, res, err = p.resolve(r, key, c); err != nil {
+			return
+		}
+	}
+	p.m.lookupsByResult[res].Inc()
+	if a.Kind == tokencache.Positive {
+		pl.user, pl.device, pl.known = a.UserID, a.DeviceID, true
+	}
+}
+
+// readBody reads up to maxBody bytes of a request body and puts them back in
+// front of the rest, so the homeserver receives the body byte for byte.
+func readBody(r *http.Request) ([]byte, bool) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return nil, true
+	}
+	buf, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	complete := err == nil && len(buf) <= maxBody
+	r.Body = readCloser{io.MultiReader(bytes.NewReader(buf), r.Body), r.Body}
+	return buf, complete
+}
+
+// peekResponse does the same for a response body.
+func peekResponse(resp *http.Response) ([]byte, bool) {
+	buf, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
+	complete := err == nil && len(buf) <= maxBody
+	resp.Body = readCloser{io.MultiReader(bytes.NewReader(buf), resp.Body), resp.Body}
+	return buf, complete
+}
+
+type readCloser struct {
+	io.Reader
+	io.Closer
+}
+
+// passiveInvalidation drops the token of a request the homeserver answered
+// with 401 M_UNKNOWN_TOKEN: it was revoked behind the proxy's back (the admin
+// API, another replica, expiry). An unreadable 401 counts as one.
+func (p *Proxy) passiveInvalidation(resp *http.Response) {
+	tok := tokenOnly(resp.Request)
+	if tok == "" {
+		return
+	}
+	body, complete := peekResponse(resp)
+	if errcode, _, ok := parseError(body); complete && ok && errcode != "M_UNKNOWN_TOKEN" {
+		return // e.g. the 401 of user-interactive auth, asking for a password
+	}
+	p.cache.InvalidateToken(p.hasher.Token(tok), reasonUnknownToken)
+}
+
+// applyPlan invalidates what a revoking call revoked, on a 2xx only: the
+// first round of user-interactive auth is a 401 and revokes nothing.
+func (p *Proxy) applyPlan(pl *plan, resp *http.Response) {
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return
+	}
+	c := p.cache
+	switch pl.route.action {
+	case actLogout:
+		// Synapse deletes the device with its token, and a device can hold
+		// more than one token (refresh), so drop the device too.
+		if pl.hasToken {
+			c.InvalidateToken(pl.token, reasonLogout)
+		}
+		switch {
+		case pl.known && pl.device != "":
+			c.InvalidateDevice(pl.user, pl.device, reasonLogout)
+		case !pl.known:
+			p.flush(reasonLogout, pl)
+		}
+	case actLogoutAll:
+		if !pl.known {
+			p.flush(reasonLogoutAll, pl)
+			return
+		}
+		c.InvalidateToken(pl.token, reasonLogoutAll)
+		c.InvalidateUser(pl.user, tokencache.TokenID{}, reasonLogoutAll)
+	case actDeleteDevice:
+		if !pl.known {
+			p.flush(reasonDevice, pl)
+			return
+		}
+		c.InvalidateDevice(pl.user, pl.route.param, reasonDevice)
+	case actDeleteDevices:
+		if !pl.known {
+			p.flush(reasonDevice, pl)
+			return
+		}
+		devices, ok := parseDeleteDevices(pl.body)
+		if !ok || !pl.bodyComplete {
+			c.InvalidateUser(pl.user, tokencache.TokenID{}, reasonDevice)
+			return
+		}
+		for _, d := range devices {
+			c.InvalidateDevice(pl.user, d, reasonDevice)
+		}
+	case actPassword:
+		logout, ok := parseLogoutDevices(pl.body)
+		ok = ok && pl.bodyComplete
+		switch {
+		case ok && !logout:
+			// "logout_devices": false: every token stays valid.
+		case !pl.known:
+			p.flush(reasonPassword, pl)
+		case !ok:
+			c.InvalidateUser(pl.user, tokencache.TokenID{}, reasonPassword)
+		default:
+			// The spec says the homeserver SHOULD NOT revoke the token
+			// that made the request; Synapse does not.
+			c.InvalidateUser(pl.user, pl.token, reasonPassword)
+		}
+	case actDeactivate:
+		if !pl.known {
+			p.flush(reasonDeactivate, pl)
+			return
+		}
+		c.InvalidateToken(pl.token, reasonDeactivate)
+		c.InvalidateUser(pl.user, tokencache.TokenID{}, reasonDeactivate)
+	case actLogin, actNewToken:
+		p.observeNewToken(pl, resp)
+	}
+}
+
+// observeNewToken reads a login, registration or refresh response. Logging in
+// with an existing device_id revokes that device's old tokens; a token with
+// expires_in_ms must not be cached past its expiry.
+func (p *Proxy) observeNewToken(pl *plan, resp *http.Response) {
+	body, complete := peekResponse(resp)
+	lr, ok := parseLoginResponse(body)
+	if !ok || !complete {
+		if pl.route.action == actLogin {
+			p.flush(reasonLogin, pl)
+		}
+		return
+	}
+	if pl.route.action == actLogin && lr.userID != "" && lr.deviceID != "" {
+		p.cache.InvalidateDevice(lr.userID, lr.deviceID, reasonLogin)
+	}
+	if lr.accessToken != "" && lr.expiresInMS > 0 {
+		// Counted from before the request was sent: the homeserver's clock
+		// started no earlier.
+		p.cache.LimitLifetime(p.hasher.Token(lr.accessToken), pl.start.Add(time.Duration(lr.expiresInMS)*time.Millisecond))
+	}
+}
+
+func (p *Proxy) flush(reason tokencache.Reason, pl *plan) {
+	n := p.cache.Flush(reason)
+	p.log.Warn("flushed the token cache: a revoking call succeeded for a caller the proxy could not identify",
+		zap.String("route", pl.route.name.String()), zap.Int("entries", n))
+}
+
+// The body parsers match keys exactly, as the homeserver does: encoding/json
+// alone would read {"Logout_Devices": false} as false, which Synapse ignores.
+
+// parseDeleteDevices reads {"devices": ["ID", …]} (POST /delete_devices).
+func parseDeleteDevices(body []byte) ([]string, bool) {
+	var m map[string]json.RawMessage
+	var devices []string
+	if json.Unmarshal(body, &m) != nil || json.Unmarshal(m["devices"], &devices) != nil || devices == nil {
+		return nil, false
+	}
+	return devices, true
+}
+
+// parseLogoutDevices reads "logout_devices" (POST /account/password), which
+// defaults to true.
+func parseLogoutDevices(body []byte) (logout, ok bool) {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(body, &m) != nil {
+		return true, false
+	}
+	raw, has := m["logout_devices"]
+	if !has {
+		return true, true
+	}
+	if json.Unmarshal(raw, &logout) != nil || string(raw) == "null" {
+		return true, false
+	}
+	return logout, true
+}
+
+type loginResponse struct {
+	userID, deviceID, accessToken string
+	expiresInMS                   int64
+}
+
+// parseLoginResponse reads a login, register or refresh response.
+func parseLoginResponse(body []byte) (loginResponse, bool) {
+	var m map[string]json.RawMessage
+	var lr loginResponse
+	if json.Unmarshal(body, &m) != nil {
+		return lr, false
+	}
+	for k, dst := range map[string]any{"user_id": &lr.userID, "device_id": &lr.deviceID,
+		"access_token": &lr.accessToken, "expires_in_ms": &lr.expiresInMS} {
+		if raw, has := m[k]; has && string(raw) != "null" && json.Unmarshal(raw, dst) != nil {
+			return lr, false
+		}
+	}
+	return lr, true
+}

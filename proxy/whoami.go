@@ -1,0 +1,205 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"maps"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
+)
+
+// serveWhoami answers GET /account/whoami from the cache, asking the
+// homeserver on a miss. A request the cache cannot judge (no token, both
+// forms, a malformed header) goes to the homeserver untouched.
+func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request) {
+	c, ok := extractCredentials(r)
+	if !ok {
+		p.rp.ServeHTTP(w, r)
+		return
+	}
+	key := p.hasher.Key(c.token, c.masq)
+	a, res := p.cache.Get(key)
+	if res == tokencache.Miss {
+		var err error
+		if a, res, err = p.resolve(r, key, c); err != nil {
+			p.lookupFailed(w, r, err)
+			return
+		}
+	}
+	p.m.lookupsByResult[res].Inc()
+	writeAnswer(w, a)
+}
+
+// resolve gets the answer for a token from the cache or, sharing the call
+// with concurrent requests for the same key, from the homeserver.
+func (p *Proxy) resolve(r *http.Request, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result, error) {
+	wr := upstream.WhoamiRequest{Token: c.token, Query: masqueradeQuery(c.masq), Forward: http.Header{}}
+	setForwarded(wr.Forward, r)
+	if ua := r.Header["User-Agent"]; len(ua) > 0 {
+		// Synapse records the user agent per device; keep it the client's.
+		wr.Forward["User-Agent"] = ua
+	}
+	return p.cache.Resolve(r.Context(), key, func(ctx context.Context) (tokencache.Answer, error) {
+		reply, err := p.lookups.Whoami(ctx, wr)
+		if err != nil {
+			return tokencache.Answer{}, err
+		}
+		p.m.upstreamWhoami.WithLabelValues(strconv.Itoa(reply.Status)).Inc()
+		a, unknownToken := p.answerFor(reply)
+		if unknownToken {
+			// Passive invalidation: drop what else is held for this token
+			// (other masquerade variants). A negative answer is never made
+			// stale by this, so it is still stored.
+			p.cache.InvalidateToken(key.Token, reasonUnknownToken)
+		}
+		return a, nil
+	})
+}
+
+// lookupFailed answers a whoami the homeserver could not answer: 502 or 504,
+// never 401 (that would log the client out over an outage).
+func (p *Proxy) lookupFailed(w http.ResponseWriter, r *http.Request, err error) {
+	kind := upstream.ErrorKind(err)
+	if r.Context().Err() != nil {
+		return // the client went away
+	}
+	if kind == upstream.KindCanceled {
+		kind = upstream.KindOther
+	}
+	p.upstreamFailed(w, r, kind, err)
+}
+
+// answerFor turns the homeserver's whoami reply into a cache answer, and says
+// whether the homeserver called the token unknown. Only a 200 with a user_id
+// is positive; only a 401 M_UNKNOWN_TOKEN without soft_logout is negative
+// (a soft-logged-out client may still refresh, Client-Server API "Soft
+// logout"). Everything else (403 for a forbidden masquerade, 429, 5xx) is
+// handed back as it came and never stored.
+func (p *Proxy) answerFor(reply *upstream.Reply) (tokencache.Answer, bool) {
+	switch reply.Status {
+	case http.StatusOK:
+		if user, device, ok := parseWhoami(reply.Body); ok {
+			return tokencache.Answer{Kind: tokencache.Positive, UserID: user, DeviceID: device,
+				Body: reply.Body, Meta: p.replays.intern(reply.Status, reply.Header)}, false
+		}
+	case http.StatusUnauthorized:
+		if errcode, soft, ok := parseError(reply.Body); ok && errcode == "M_UNKNOWN_TOKEN" {
+			if soft {
+				return uncacheable(reply), true
+			}
+			return tokencache.Answer{Kind: tokencache.Negative, Body: reply.Body,
+				Meta: p.replays.intern(reply.Status, reply.Header)}, true
+		}
+	}
+	return uncacheable(reply), false
+}
+
+func uncacheable(reply *upstream.Reply) tokencache.Answer {
+	h := reply.Header.Clone()
+	for _, k := range [...]string{"Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive", "Date"} {
+		delete(h, k)
+	}
+	setCORS(h)
+	return tokencache.Answer{Kind: tokencache.Uncacheable, Body: reply.Body, Meta: &replay{status: reply.Status, header: h}}
+}
+
+// parseWhoami reads user_id and device_id from a whoami body. Keys are
+// matched exactly (encoding/json would also accept "User_Id").
+func parseWhoami(body []byte) (user, device string, ok bool) {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(body, &m) != nil {
+		return "", "", false
+	}
+	if json.Unmarshal(m["user_id"], &user) != nil || user == "" {
+		return "", "", false
+	}
+	if raw, has := m["device_id"]; has && string(raw) != "null" && json.Unmarshal(raw, &device) != nil {
+		return "", "", false
+	}
+	return user, device, true
+}
+
+// parseError reads errcode and soft_logout from a Matrix error body.
+func parseError(body []byte) (errcode string, softLogout, ok bool) {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(body, &m) != nil || json.Unmarshal(m["errcode"], &errcode) != nil {
+		return "", false, false
+	}
+	if raw, has := m["soft_logout"]; has {
+		_ = json.Unmarshal(raw, &softLogout) // anything but true is not soft
+	}
+	return errcode, softLogout, true
+}
+
+// replay is how an answer is written back: its status and headers. Replays of
+// cached answers are interned: the homeserver sends the same few headers with
+// every answer, so a million entries share a handful of replays.
+type replay struct {
+	status int
+	header http.Header // values are clipped: an append elsewhere copies
+}
+
+func writeAnswer(w http.ResponseWriter, a tokencache.Answer) {
+	rp := a.Meta.(*replay)
+	h := w.Header()
+	for k, v := range rp.header {
+		h[k] = v
+	}
+	w.WriteHeader(rp.status)
+	_, _ = w.Write(a.Body)
+}
+
+// replayedHeaders are the headers of a cached answer worth replaying: what
+// a client relies on. Per-request headers (Date, trace IDs, cookies) are not.
+func replayedHeader(k string) bool {
+	switch k {
+	case "Content-Type", "Cache-Control", "Pragma", "Expires", "Vary", "Server":
+		return true
+	}
+	return strings.HasPrefix(k, "Access-Control-")
+}
+
+type replayInterner struct {
+	mu sync.Mutex
+	m  map[string]*replay
+}
+
+// maxReplays bounds the interner against a homeserver that varies headers
+// per answer; past it, replays are simply not shared.
+const maxReplays = 256
+
+func (in *replayInterner) intern(status int, src http.Header) *replay {
+	h := http.Header{}
+	for k, v := range src {
+		if replayedHeader(k) {
+			h[k] = slices.Clip(slices.Clone(v))
+		}
+	}
+	setCORS(h)
+	var id strings.Builder
+	id.WriteString(strconv.Itoa(status))
+	for _, k := range slices.Sorted(maps.Keys(h)) {
+		for _, v := range h[k] {
+			id.WriteString("\n" + k + ": " + v)
+		}
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if rp, ok := in.m[id.String()]; ok {
+		return rp
+	}
+	rp := &replay{status: status, header: h}
+	if in.m == nil {
+		in.m = map[string]*replay{}
+	}
+	if len(in.m) < maxReplays {
+		in.m[id.String()] = rp
+	}
+	return rp
+}

@@ -1,0 +1,512 @@
+// Package tokencache remembers what the homeserver said about access tokens,
+// and forgets it as soon as anything may have made that answer wrong.
+//
+// It holds answers (positive: the token is user U's on device D; negative:
+// the token is unknown), each under a Key derived from a keyed hash of the
+// token, never the token itself. Answers expire per entry, can be dropped by
+// token, by user+device or by user, and concurrent misses for one key share
+// one lookup. A lookup that was in flight while an invalidation that concerns
+// its answer happened never stores that answer.
+//
+// It deliberately knows nothing about HTTP or Matrix endpoints: what an answer
+// means, which responses may be cached and which calls revoke what is the
+// caller's business (package proxy). It does not talk to the homeserver
+// either; callers hand Resolve a Fetch function for that.
+package tokencache
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+	"golang.org/x/sync/singleflight"
+)
+
+// Kind says what an answer means for caching.
+type Kind uint8
+
+const (
+	// Uncacheable answers are handed back to the caller and never stored:
+	// errors of the homeserver, rate limits, forbidden masquerades.
+	Uncacheable Kind = iota
+	// Positive answers say the token is valid for UserID (and DeviceID).
+	Positive
+	// Negative answers say the token is unknown to the homeserver.
+	Negative
+)
+
+// Answer is what the homeserver said about a token, kept verbatim so that the
+// caller can replay it.
+type Answer struct {
+	Kind     Kind
+	UserID   string // Positive only
+	DeviceID string // Positive only; empty for device-less appservice users
+	// Body is the homeserver's response body. The cache stores it as given:
+	// hand it a slice of exactly the right capacity.
+	Body []byte
+	// Meta is opaque to the cache (the proxy keeps the status and the replayed
+	// response headers there, shared between answers).
+	Meta any
+}
+
+// Result is the outcome of a cache lookup.
+type Result uint8
+
+const (
+	Miss Result = iota
+	Hit
+	NegativeHit
+)
+
+func (r Result) String() string {
+	switch r {
+	case Hit:
+		return "hit"
+	case NegativeHit:
+		return "negative_hit"
+	default:
+		return "miss"
+	}
+}
+
+// Reason says why entries were dropped; it becomes a metric label, so callers
+// must use a small fixed set of values.
+type Reason string
+
+// Reasons the cache itself drops entries for. Callers name their own.
+const (
+	ReasonCapacity Reason = "capacity" // pushed out by newer entries
+	ReasonExpired  Reason = "expired"  // found past its lifetime
+)
+
+// Config is the behaviour of a Cache.
+type Config struct {
+	// Size is the most positive answers held. Negative answers are held in a
+	// separate LRU of Size/8 (at least 1), so that a spray of made-up tokens
+	// cannot push valid ones out.
+	Size int
+	// TTL is the lifetime of a positive answer, counted from the moment the
+	// lookup returned.
+	TTL time.Duration
+	// NegativeTTL is the lifetime of a negative answer; 0 stores none.
+	NegativeTTL time.Duration
+	// LookupTimeout bounds a shared lookup. It runs detached from the
+	// context of the caller that started it, so one impatient client cannot
+	// fail the others waiting on the same key.
+	LookupTimeout time.Duration
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// OnDrop, if set, is told every time entries are dropped and why. It is
+	// called with the cache's lock held: keep it quick and do not call back.
+	OnDrop func(reason Reason, n int)
+}
+
+// Fetch asks the homeserver about a token. ctx is bounded by LookupTimeout.
+// An error is never cached.
+type Fetch func(ctx context.Context) (Answer, error)
+
+type entry struct {
+	answer  Answer
+	expires int64 // unix nanoseconds
+}
+
+// Cache is safe for concurrent use.
+type Cache struct {
+	ttl, negTTL   time.Duration
+	lookupTimeout time.Duration
+	now           func() time.Time
+	onDrop        func(Reason, int)
+
+	flights singleflight.Group
+
+	mu  sync.Mutex
+	pos *simplelru.LRU[Key, entry]
+	neg *simplelru.LRU[Key, entry] // nil when NegativeTTL is 0
+	// users indexes positive entries by user ID (for per-device and per-user
+	// invalidation); variants indexes the masqueraded keys of a token (plain
+	// keys need no index: Key{Token: id} finds them). Both only ever hold
+	// keys that are in pos or neg, so Size bounds them too.
+	users    map[string][]Key
+	variants map[TokenID][]Key
+	// deadlines remembers the end of life the homeserver announced for a
+	// token (expires_in_ms) before that token is ever looked up.
+	deadlines *simplelru.LRU[TokenID, int64]
+	// dropping is the reason given to the LRU eviction callback: capacity
+	// unless an invalidation is under way.
+	dropping Reason
+	dropped  int
+	// log remembers recent invalidations, so a lookup that started before
+	// one of them can tell whether its answer is stale (see fill).
+	seq uint64
+	log [invalidationLog]invalidation
+}
+
+// invalidationLog is how many recent invalidations a finishing lookup can
+// check itself against. A lookup that saw more than this many go by while it
+// was in flight is not stored at all.
+const invalidationLog = 1024
+
+type scope uint8
+
+const (
+	scopeToken scope = iota + 1
+	scopeDevice
+	scopeUser
+	scopeAll
+)
+
+type invalidation struct {
+	seq    uint64
+	scope  scope
+	token  TokenID // scopeToken; for scopeUser, the token spared (zero: none)
+	user   string
+	device string
+}
+
+// New returns an empty cache.
+func New(cfg Config) (*Cache, error) {
+	switch {
+	case cfg.Size < 1:
+		return nil, errors.New("tokencache: Size must be at least 1")
+	case cfg.TTL <= 0:
+		return nil, errors.New("tokencache: TTL must be positive")
+	case cfg.NegativeTTL < 0:
+		return nil, errors.New("tokencache: NegativeTTL must not be negative")
+	case cfg.LookupTimeout <= 0:
+		return nil, errors.New("tokencache: LookupTimeout must be positive")
+	}
+	c := &Cache{
+		ttl:           cfg.TTL,
+		negTTL:        cfg.NegativeTTL,
+		lookupTimeout: cfg.LookupTimeout,
+		now:           cfg.Now,
+		onDrop:        cfg.OnDrop,
+		users:         make(map[string][]Key),
+		variants:      make(map[TokenID][]Key),
+		dropping:      ReasonCapacity,
+	}
+	if c.now == nil {
+		c.now = time.Now
+	}
+	var err error
+	if c.pos, err = simplelru.NewLRU(cfg.Size, c.evicted); err != nil {
+		return nil, err
+	}
+	if cfg.NegativeTTL > 0 {
+		if c.neg, err = simplelru.NewLRU(max(cfg.Size/8, 1), c.evicted); err != nil {
+			return nil, err
+		}
+	}
+	if c.deadlines, err = simplelru.NewLRU[TokenID, int64](cfg.Size, nil); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Len returns the number of answers held, positive and negative.
+func (c *Cache) Len() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.pos.Len()
+	if c.neg != nil {
+		n += c.neg.Len()
+	}
+	return n
+}
+
+// Get returns the stored answer for key, if there is a live one.
+func (c *Cache) Get(key Key) (Answer, Result) {
+	now := c.now().UnixNano()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.pos.Get(key); ok {
+		if now < e.expires {
+			return e.answer, Hit
+		}
+		c.remove(c.pos, key, ReasonExpired)
+	}
+	if c.neg != nil {
+		if e, ok := c.neg.Get(key); ok {
+			if now < e.expires {
+				return e.answer, NegativeHit
+			}
+			c.remove(c.neg, key, ReasonExpired)
+		}
+	}
+	return Answer{}, Miss
+}
+
+// Resolve returns the answer for key: from the cache, or from fetch, sharing
+// one fetch between concurrent callers of the same key. A cacheable answer
+// from fetch is stored unless an invalidation that concerns it happened while
+// it was in flight. The caller's ctx only bounds its own wait.
+func (c *Cache) Resolve(ctx context.Context, key Key, fetch Fetch) (Answer, Result, error) {
+	if a, r := c.Get(key); r != Miss {
+		return a, r, nil
+	}
+	c.mu.Lock()
+	seq := c.seq
+	c.mu.Unlock()
+	// The flight is named after the key and the invalidation sequence, so a
+	// caller that arrives after an invalidation never joins a lookup that
+	// started before it (and may have been answered before it).
+	ch := c.flights.DoChan(flightName(key, seq), func() (any, error) {
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.lookupTimeout)
+		defer cancel()
+		a, err := fetch(fctx)
+		if err != nil {
+			return Answer{}, err
+		}
+		c.fill(key, seq, a)
+		return a, nil
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return Answer{}, Miss, r.Err
+		}
+		return r.Val.(Answer), Miss, nil
+	case <-ctx.Done():
+		return Answer{}, Miss, ctx.Err()
+	}
+}
+
+func flightName(key Key, seq uint64) string {
+	var b [len(key.Token) + len(key.Variant) + 8]byte
+	n := copy(b[:], key.Token[:])
+	n += copy(b[n:], key.Variant[:])
+	for i := range 8 {
+		b[n+i] = byte(seq >> (8 * i))
+	}
+	return string(b[:])
+}
+
+// fill stores a, the answer of a lookup that started when the invalidation
+// sequence was at seq, unless an invalidation since then concerns it.
+func (c *Cache) fill(key Key, seq uint64, a Answer) {
+	if a.Kind == Uncacheable || (a.Kind == Negative && c.neg == nil) {
+		return
+	}
+	now := c.now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stale(key, seq, a) {
+		return
+	}
+	if a.Kind == Negative {
+		if old, ok := c.neg.Peek(key); ok {
+			c.unindex(key, old)
+		}
+		c.neg.Add(key, entry{answer: a, expires: now.Add(c.negTTL).UnixNano()})
+		c.indexVariant(key)
+		c.flushDrops()
+		return
+	}
+	expires := now.Add(c.ttl).UnixNano()
+	if d, ok := c.deadlines.Peek(key.Token); ok && d < expires {
+		expires = d
+	}
+	if expires <= now.UnixNano() {
+		return
+	}
+	if old, ok := c.pos.Peek(key); ok {
+		// A refill of a live key (two lookups on either side of an unrelated
+		// invalidation): Add replaces the value in place, so unindex the old.
+		c.unindex(key, old)
+	}
+	c.pos.Add(key, entry{answer: a, expires: expires})
+	if a.UserID != "" {
+		c.users[a.UserID] = append(c.users[a.UserID], key)
+	}
+	c.indexVariant(key)
+	c.flushDrops()
+}
+
+// stale reports whether an invalidation after seq concerns an answer a
+// stored under key. Called with mu held.
+func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
+	if c.seq-seq > invalidationLog {
+		return true // too much happened to tell: do not store
+	}
+	for s := seq + 1; s <= c.seq; s++ {
+		inv := &c.log[s%invalidationLog]
+		switch inv.scope {
+		case scopeAll:
+			return true
+		case scopeToken:
+			if inv.token == key.Token {
+				return true
+			}
+		case scopeDevice:
+			if a.Kind == Positive && a.UserID == inv.user && a.DeviceID == inv.device {
+				return true
+			}
+		case scopeUser:
+			if a.Kind == Positive && a.UserID == inv.user && inv.token != key.Token {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (c *Cache) indexVariant(key Key) {
+	if key.Variant != ([16]byte{}) {
+		c.variants[key.Token] = append(c.variants[key.Token], key)
+	}
+}
+
+// evicted is the LRUs' eviction callback: it keeps the indexes in step and
+// counts the drop. Called with mu held.
+func (c *Cache) evicted(key Key, e entry) {
+	c.unindex(key, e)
+	c.dropped++
+	if c.dropping == ReasonCapacity {
+		// Capacity evictions happen inside Add; report them one by one.
+		c.flushDrops()
+	}
+}
+
+// unindex removes key, holding e, from the indexes. Called with mu held.
+func (c *Cache) unindex(key Key, e entry) {
+	if e.answer.UserID != "" {
+		c.users[e.answer.UserID] = removeKey(c.users[e.answer.UserID], key)
+		if len(c.users[e.answer.UserID]) == 0 {
+			delete(c.users, e.answer.UserID)
+		}
+	}
+	if key.Variant != ([16]byte{}) {
+		c.variants[key.Token] = removeKey(c.variants[key.Token], key)
+		if len(c.variants[key.Token]) == 0 {
+			delete(c.variants, key.Token)
+		}
+	}
+}
+
+func removeKey(keys []Key, key Key) []Key {
+	for i, k := range keys {
+		if k == key {
+			last := len(keys) - 1
+			keys[i] = keys[last]
+			return keys[:last]
+		}
+	}
+	return keys
+}
+
+// remove drops key from lru for reason. Called with mu held.
+func (c *Cache) remove(lru *simplelru.LRU[Key, entry], key Key, reason Reason) {
+	c.dropping = reason
+	lru.Remove(key)
+	c.flushDrops()
+}
+
+// flushDrops reports the drops counted so far. Called with mu held.
+func (c *Cache) flushDrops() {
+	if c.dropped > 0 && c.onDrop != nil {
+		c.onDrop(c.dropping, c.dropped)
+	}
+	c.dropped = 0
+	c.dropping = ReasonCapacity
+}
+
+// record appends an invalidation to the log. Called with mu held.
+func (c *Cache) record(inv invalidation) {
+	c.seq++
+	inv.seq = c.seq
+	c.log[c.seq%invalidationLog] = inv
+}
+
+// tokenKeys returns every key held for a token, in both LRUs. Called with mu
+// held.
+func (c *Cache) tokenKeys(id TokenID) []Key {
+	keys := []Key{{Token: id}}
+	return append(keys, c.variants[id]...)
+}
+
+// InvalidateToken drops every answer for a token (all masquerade variants)
+// and returns how many there were.
+func (c *Cache) InvalidateToken(id TokenID, reason Reason) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.record(invalidation{scope: scopeToken, token: id})
+	return c.dropKeys(c.tokenKeys(id), reason)
+}
+
+// InvalidateDevice drops every positive answer for a user's device.
+func (c *Cache) InvalidateDevice(userID, deviceID string, reason Reason) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.record(invalidation{scope: scopeDevice, user: userID, device: deviceID})
+	var keys []Key
+	for _, k := range c.users[userID] {
+		if e, ok := c.pos.Peek(k); ok && e.answer.DeviceID == deviceID {
+			keys = append(keys, k)
+		}
+	}
+	return c.dropKeys(keys, reason)
+}
+
+// InvalidateUser drops every positive answer for a user, except those for
+// the token spare (pass the zero TokenID to spare none).
+func (c *Cache) InvalidateUser(userID string, spare TokenID, reason Reason) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.record(invalidation{scope: scopeUser, user: userID, token: spare})
+	var keys []Key
+	for _, k := range c.users[userID] {
+		if spare == (TokenID{}) || k.Token != spare {
+			keys = append(keys, k)
+		}
+	}
+	return c.dropKeys(keys, reason)
+}
+
+// Flush drops every answer: the answer when the caller cannot tell whose
+// entries a revocation concerned.
+func (c *Cache) Flush(reason Reason) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.record(invalidation{scope: scopeAll})
+	n := c.pos.Len()
+	c.dropping = reason
+	c.pos.Purge()
+	if c.neg != nil {
+		n += c.neg.Len()
+		c.neg.Purge()
+	}
+	c.flushDrops()
+	return n
+}
+
+// dropKeys removes keys from both LRUs for reason. Called with mu held.
+func (c *Cache) dropKeys(keys []Key, reason Reason) int {
+	c.dropping = reason
+	for _, k := range keys {
+		c.pos.Remove(k)
+		if c.neg != nil {
+			c.neg.Remove(k)
+		}
+	}
+	n := c.dropped
+	c.flushDrops()
+	return n
+}
+
+// LimitLifetime records that the homeserver will stop honouring a token at
+// notAfter (a login, registration or refresh said expires_in_ms). No answer
+// for that token, held now or stored later, outlives it.
+func (c *Cache) LimitLifetime(id TokenID, notAfter time.Time) {
+	d := notAfter.UnixNano()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.deadlines.Add(id, d)
+	for _, k := range c.tokenKeys(id) {
+		if e, ok := c.pos.Peek(k); ok && d < e.expires {
+			e.expires = d
+			c.pos.Add(k, e)
+		}
+	}
+}
