@@ -144,6 +144,10 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // (Synapse takes the first X-Forwarded-For entry, so appending would not do).
 func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	pr.SetURL(p.target)
+	// ReverseProxy re-encodes a query it cannot parse, dropping the odd
+	// parts; the homeserver should see what the client sent. The proxy
+	// never acts on a query it cannot parse, so there is nothing to smuggle.
+	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
 	setForwarded(pr.Out.Header, pr.In)
 }
 

@@ -327,6 +327,11 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 // stale reports whether an invalidation after seq concerns an answer a
 // stored under key. Called with mu held.
 func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
+	if a.Kind == Negative {
+		// "Unknown" cannot be made wrong by a revocation: homeservers do not
+		// bring a revoked token back, nor issue one a client already sent.
+		return false
+	}
 	if c.seq-seq > invalidationLog {
 		return true // too much happened to tell: do not store
 	}
