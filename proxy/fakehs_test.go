@@ -121,12 +121,20 @@ func writeJSON(w http.ResponseWriter, status int, body string) {
 const unknownToken = `{"errcode":"M_UNKNOWN_TOKEN","error":"Invalid access token passed.","soft_logout":false}`
 
 func (hs *fakeHS) serve(w http.ResponseWriter, r *http.Request) {
-	body, _ := io.ReadAll(r.Body)
 	hs.mu.Lock()
-	hs.received = append(hs.received, received{r.Method, r.RequestURI, r.Header.Clone(), body})
 	override := hs.override
 	hs.mu.Unlock()
-	if override != nil && override(w, r) {
+	// An override sees the body unread (it may test streaming) and its
+	// request is recorded without a body.
+	var body []byte
+	if override == nil || !override(w, r) {
+		body, _ = io.ReadAll(r.Body)
+		override = nil
+	}
+	hs.mu.Lock()
+	hs.received = append(hs.received, received{r.Method, r.RequestURI, r.Header.Clone(), body})
+	hs.mu.Unlock()
+	if override != nil {
 		return
 	}
 	path := r.URL.EscapedPath()
@@ -359,9 +367,11 @@ func (h *harness) whoami(tok string) (int, string) {
 	return resp.StatusCode, body
 }
 
-// counter reads one series of a counter or gauge from the registry.
+// counter sums the series of a counter or gauge whose labels match the
+// given name/value pairs.
 func (h *harness) counter(name string, labels ...string) float64 {
 	h.t.Helper()
+	var sum float64
 	mfs, err := h.reg.Gather()
 	if err != nil {
 		h.t.Fatal(err)
@@ -381,15 +391,10 @@ func (h *harness) counter(name string, labels ...string) float64 {
 					continue metric
 				}
 			}
-			switch {
-			case m.Counter != nil:
-				return m.Counter.GetValue()
-			case m.Gauge != nil:
-				return m.Gauge.GetValue()
-			}
+			sum += m.GetCounter().GetValue() + m.GetGauge().GetValue()
 		}
 	}
-	return 0
+	return sum
 }
 
 func mustParseURL(t *testing.T, s string) *url.URL {
