@@ -147,7 +147,9 @@ func (c *Client) do(req *http.Request) (*Reply, error) {
 		return nil, ErrReplyTooLarge
 	}
 	// Keep the body at its exact size: a cached answer holds on to it.
-	return &Reply{Status: resp.StatusCode, Header: resp.Header, Body: append([]byte(nil), body...)}, nil
+	exact := make([]byte, len(body))
+	copy(exact, body)
+	return &Reply{Status: resp.StatusCode, Header: resp.Header, Body: exact}, nil
 }
 
 // scrub drops the request URL from a *url.Error, since a URL may carry

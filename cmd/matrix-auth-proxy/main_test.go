@@ -1,0 +1,213 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+func TestConfigDefaults(t *testing.T) {
+	cfg, err := loadConfig(map[string]string{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		UpstreamURL: "http://127.0.0.1:8008", ListenAddr: ":8080", AdminAddr: ":9090",
+		CacheSize: 100000, CacheTTL: 2 * time.Minute, CacheNegativeTTL: 10 * time.Second,
+		UpstreamTimeout: 10 * time.Second, ReadinessInterval: 5 * time.Second,
+		ShutdownDelay: 5 * time.Second, ShutdownTimeout: 20 * time.Second,
+		LogLevel: "info", LogFormat: "json",
+	}
+	cfg.upstream, cfg.level = nil, 0
+	if cfg != want {
+		t.Errorf("defaults:\n got %+v\nwant %+v", cfg, want)
+	}
+}
+
+// Bad configuration exits 2 before listening, with one line that names the
+// environment variable (not the Go field).
+func TestBadConfigExits2NamingTheVariable(t *testing.T) {
+	tests := map[string]string{
+		"CACHE_TTL":          "two minutes",
+		"CACHE_NEGATIVE_TTL": "-1s",
+		"CACHE_SIZE":         "0",
+		"UPSTREAM_TIMEOUT":   "0",
+		"SHUTDOWN_DELAY":     "soon",
+		"SHUTDOWN_TIMEOUT":   "-5s",
+		"READINESS_INTERVAL": "0s",
+		"UPSTREAM_URL":       "127.0.0.1:8008",
+		"LISTEN_ADDR":        "8080",
+		"ADMIN_ADDR":         ":http-alt",
+		"LOG_LEVEL":          "loud",
+		"LOG_FORMAT":         "xml",
+	}
+	for name, val := range tests {
+		t.Run(name, func(t *testing.T) {
+			var out bytes.Buffer
+			code := run(t.Context(), map[string]string{name: val}, &out)
+			if code != 2 {
+				t.Errorf("exit code %d, want 2", code)
+			}
+			lines := strings.Split(strings.TrimRight(out.String(), "\n"), "\n")
+			if len(lines) != 1 || !strings.Contains(lines[0], name+":") {
+				t.Errorf("output %q: want one line naming %s", out.String(), name)
+			}
+			for _, field := range []string{"CacheTTL", "CacheSize", "field"} {
+				if strings.Contains(out.String(), field) {
+					t.Errorf("output names a Go field: %q", out.String())
+				}
+			}
+		})
+	}
+	t.Run("same listen and admin address", func(t *testing.T) {
+		var out bytes.Buffer
+		if code := run(t.Context(), map[string]string{"LISTEN_ADDR": ":9090"}, &out); code != 2 || !strings.HasPrefix(strings.TrimPrefix(out.String(), "matrix-auth-proxy: invalid configuration: "), "ADMIN_ADDR") {
+			t.Errorf("exit %d: %q", code, out.String())
+		}
+	})
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func get(url string) (int, string) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestRunServesAndShutsDownGracefully runs the whole program against a fake
+// homeserver: admin endpoints, the client listener, and the shutdown
+// sequence Kubernetes relies on.
+func TestRunServesAndShutsDownGracefully(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	var slow sync.WaitGroup
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/_matrix/client/versions":
+			_, _ = io.WriteString(w, `{"versions":["v1.11"]}`)
+		case "/_matrix/client/v3/sync":
+			time.Sleep(300 * time.Millisecond) // in flight when shutdown starts
+			_, _ = io.WriteString(w, `{"next_batch":"s1"}`)
+		default:
+			_, _ = io.WriteString(w, `{"user_id":"@a:hs","device_id":"D"}`)
+		}
+	}))
+	defer hs.Close()
+	listen, admin := freeAddr(t), freeAddr(t)
+	env := map[string]string{
+		"UPSTREAM_URL": hs.URL, "LISTEN_ADDR": listen, "ADMIN_ADDR": admin,
+		"READINESS_INTERVAL": "50ms", "SHUTDOWN_DELAY": "400ms", "SHUTDOWN_TIMEOUT": "5s",
+	}
+	ctx, stop := context.WithCancel(t.Context())
+	defer stop()
+	var logs syncBuffer
+	exit := make(chan int)
+	go func() { exit <- run(ctx, env, &logs) }()
+
+	waitFor(t, "/healthz", func() bool { c, _ := get("http://" + admin + "/healthz"); return c == 200 })
+	waitFor(t, "/readyz", func() bool { c, _ := get("http://" + admin + "/readyz"); return c == 200 })
+	if c, body := get("http://" + admin + "/metrics"); c != 200 ||
+		!strings.Contains(body, "matrix_auth_proxy_token_cache_entries") ||
+		!strings.Contains(body, "go_goroutines") || !strings.Contains(body, "process_cpu_seconds_total") {
+		t.Errorf("/metrics: %d", c)
+	}
+	// The client listener proxies, and never serves the admin endpoints.
+	req, _ := http.NewRequest("GET", "http://"+listen+"/_matrix/client/v3/account/whoami", nil)
+	req.Header.Set("Authorization", "Bearer syt_x")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("whoami through the proxy: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if _, body := get("http://" + listen + "/metrics"); strings.Contains(body, "matrix_auth_proxy") {
+		t.Error("the client listener served metrics")
+	}
+
+	slow.Go(func() {
+		if c, body := get("http://" + listen + "/_matrix/client/v3/sync"); c != 200 || !strings.Contains(body, "s1") {
+			t.Errorf("in-flight request cut by shutdown: %d %s", c, body)
+		}
+	})
+	time.Sleep(50 * time.Millisecond)
+	stop() // SIGTERM
+	waitFor(t, "/readyz to fail", func() bool { c, _ := get("http://" + admin + "/readyz"); return c == 503 })
+	// Still serving clients during SHUTDOWN_DELAY.
+	if c, _ := get("http://" + listen + "/_matrix/client/versions"); c != 200 {
+		t.Errorf("client listener during SHUTDOWN_DELAY: %d", c)
+	}
+	select {
+	case code := <-exit:
+		if code != 0 {
+			t.Errorf("exit code %d\n%s", code, logs.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return")
+	}
+	slow.Wait()
+	if c, _ := get("http://" + listen + "/_matrix/client/versions"); c != 0 {
+		t.Errorf("client listener still answering after exit: %d", c)
+	}
+	http.DefaultClient.CloseIdleConnections()
+}
+
+func TestListenFailureExits1(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var out bytes.Buffer
+	code := run(t.Context(), map[string]string{"LISTEN_ADDR": ln.Addr().String(), "ADMIN_ADDR": freeAddr(t)}, &out)
+	if code != 1 || !strings.Contains(out.String(), "LISTEN_ADDR") {
+		t.Errorf("exit %d, log %s", code, out.String())
+	}
+}
