@@ -19,6 +19,7 @@ vet:
 # end-to-end tests against a real Synapse and Prometheus.
 test: vet
 	$(GO) test -race -count=1 ./...
+	@if [ -f deploy/go.mod ]; then echo "cd deploy && go test ./..."; cd deploy && $(GO) vet ./... && $(GO) test -count=1 ./...; fi
 
 demo:
 	deploy/local/demo.sh
