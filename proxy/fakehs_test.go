@@ -26,7 +26,7 @@ import (
 // hold sessions and revoke them the way Synapse does. It records what it
 // received, so tests can assert on that.
 type fakeHS struct {
-	t   *testing.T
+	t   testing.TB
 	srv *httptest.Server
 
 	mu       sync.Mutex
@@ -60,7 +60,7 @@ type received struct {
 
 const hsPassword = "correct horse"
 
-func newFakeHS(t *testing.T) *fakeHS {
+func newFakeHS(t testing.TB) *fakeHS {
 	t.Helper()
 	hs := &fakeHS{t: t, sessions: map[string]session{}}
 	hs.srv = httptest.NewServer(http.HandlerFunc(hs.serve))
@@ -271,7 +271,7 @@ func (hs *fakeHS) serveLogin(w http.ResponseWriter, body []byte) {
 
 // harness is a proxy in front of a fakeHS, with its registry and logs.
 type harness struct {
-	t     *testing.T
+	t     testing.TB
 	hs    *fakeHS
 	p     *Proxy
 	front *httptest.Server
@@ -297,7 +297,7 @@ func (c *fakeClock) Advance(d time.Duration) {
 	c.mu.Unlock()
 }
 
-func newHarness(t *testing.T, mods ...func(*Config)) *harness {
+func newHarness(t testing.TB, mods ...func(*Config)) *harness {
 	t.Helper()
 	h := &harness{t: t, hs: newFakeHS(t), reg: prometheus.NewRegistry(), now: &fakeClock{t: time.Unix(1_700_000_000, 0)}}
 	core, logs := observer.New(zapcore.DebugLevel)
@@ -397,7 +397,7 @@ func (h *harness) counter(name string, labels ...string) float64 {
 	return sum
 }
 
-func mustParseURL(t *testing.T, s string) *url.URL {
+func mustParseURL(t testing.TB, s string) *url.URL {
 	t.Helper()
 	u, err := url.Parse(s)
 	if err != nil {

@@ -21,7 +21,15 @@ type metrics struct {
 	upstreamWhoami    *prometheus.CounterVec
 	upstreamErrors    *prometheus.CounterVec
 	upstreamErrByKind map[string]prometheus.Counter
+	rateLimited       [2]prometheus.Counter // by limitedByUser, limitedByIP
+	codeLabels        [600]string           // "100" … "599", so labelling allocates nothing
 }
+
+// What a rate-limited request was keyed on.
+const (
+	limitedByUser = iota
+	limitedByIP
+)
 
 const namespace = "matrix_auth_proxy"
 
@@ -53,11 +61,17 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 			Help: "Requests to the homeserver that got no HTTP answer, by kind (timeout, refused, other).",
 		}, []string{"kind"}),
 	}
+	limited := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "rate_limited_total",
+		Help: "Requests answered 429 M_LIMIT_EXCEEDED by the proxy, by what they were keyed on: user (user+device of a known token) or ip.",
+	}, []string{"key"})
+	m.rateLimited[limitedByUser] = limited.WithLabelValues("user")
+	m.rateLimited[limitedByIP] = limited.WithLabelValues("ip")
 	entries := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: namespace, Name: "token_cache_entries",
 		Help: "Answers held in the token cache (positive and negative).",
 	}, func() float64 { return float64(cacheLen()) })
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.lookups, m.invalidations, m.upstreamWhoami, m.upstreamErrors, entries} {
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.lookups, m.invalidations, m.upstreamWhoami, m.upstreamErrors, limited, entries} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -71,6 +85,9 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 	for _, r := range []tokencache.Result{tokencache.Miss, tokencache.Hit, tokencache.NegativeHit} {
 		m.lookupsByResult[r] = m.lookups.WithLabelValues(r.String())
 	}
+	for code := range m.codeLabels {
+		m.codeLabels[code] = strconv.Itoa(code)
+	}
 	m.upstreamErrByKind = map[string]prometheus.Counter{}
 	for _, k := range []string{"timeout", "refused", "other"} {
 		m.upstreamErrByKind[k] = m.upstreamErrors.WithLabelValues(k)
@@ -83,7 +100,13 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 }
 
 func (m *metrics) observe(route routeName, code int, seconds float64) {
-	m.requests.WithLabelValues(route.String(), strconv.Itoa(code)).Inc()
+	label := ""
+	if code >= 0 && code < len(m.codeLabels) {
+		label = m.codeLabels[code]
+	} else {
+		label = strconv.Itoa(code)
+	}
+	m.requests.WithLabelValues(route.String(), label).Inc()
 	m.durationByRoute[route].Observe(seconds)
 }
 

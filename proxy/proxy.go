@@ -11,9 +11,9 @@ package proxy
 
 import (
 	"errors"
-	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/netip"
 	"net/url"
 	"sync"
 	"time"
@@ -44,6 +44,12 @@ type Config struct {
 	// Registerer receives the proxy's metrics. Required: pass the proxy's
 	// own registry, not the global one.
 	Registerer prometheus.Registerer
+	// TrustedProxies are the peers (an ingress controller, a load
+	// balancer) whose X-Forwarded-For is believed; see clientAddr. Empty:
+	// the connection's peer is the client.
+	TrustedProxies []netip.Prefix
+	// RateLimit limits clients at the edge; the zero value disables it.
+	RateLimit RateLimitConfig
 }
 
 // Proxy is an http.Handler for the client-facing listener.
@@ -58,6 +64,8 @@ type Proxy struct {
 	replays replayInterner
 	now     func() time.Time
 	writers sync.Pool // of *statusWriter
+	trusted []netip.Prefix
+	limiter *limiter // nil: no rate limiting
 }
 
 // New returns a Proxy, or an error naming what is missing or wrong.
@@ -69,7 +77,8 @@ func New(cfg Config) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{target: cfg.Upstream, lookups: lookups, hasher: cfg.Hasher, log: cfg.Logger, now: time.Now}
+	p := &Proxy{target: cfg.Upstream, lookups: lookups, hasher: cfg.Hasher, log: cfg.Logger, now: time.Now,
+		trusted: cfg.TrustedProxies}
 	if p.log == nil {
 		p.log = zap.NewNop()
 	}
@@ -91,6 +100,9 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	cacheLen = p.cache.Len
+	if p.limiter, err = newLimiter(cfg.RateLimit, p.now); err != nil {
+		return nil, err
+	}
 	p.writers.New = func() any { return new(statusWriter) }
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:        p.rewrite,
@@ -107,10 +119,33 @@ func New(cfg Config) (*Proxy, error) {
 // future invalidation bus).
 func (p *Proxy) Cache() *tokencache.Cache { return p.cache }
 
+// caller is what the proxy knows about who sent a request: its credentials
+// and, if the cache holds one, the answer for them.
+type caller struct {
+	creds  credentials
+	ok     bool // creds are usable for the cache
+	key    tokencache.Key
+	answer tokencache.Answer
+	result tokencache.Result
+}
+
+// identify extracts the credentials of a request and looks them up in the
+// cache, without asking the homeserver.
+func (p *Proxy) identify(r *http.Request, c *caller) {
+	if c.creds, c.ok = extractCredentials(r); c.ok {
+		c.key = p.hasher.Key(c.creds.token, c.creds.masq)
+		c.answer, c.result = p.cache.Get(c.key)
+	}
+}
+
 // ServeHTTP routes a client request (see routes.go).
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	rt := classify(r)
+	var c caller
+	if rt.action != actPass || p.limiter != nil {
+		p.identify(r, &c)
+	}
 	sw := p.writers.Get().(*statusWriter)
 	sw.ResponseWriter, sw.code = w, 0
 	defer func() {
@@ -123,24 +158,50 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if ce := p.log.Check(zap.DebugLevel, "request"); ce != nil {
 			ce.Write(zap.String("route", rt.name.String()), zap.String("method", r.Method),
 				zap.String("path", r.URL.EscapedPath()), zap.String("query", redactQuery(r.URL.RawQuery)),
-				zap.Int("status", code), zap.Duration("duration", elapsed), zap.String("client", clientIP(r)))
+				zap.Int("status", code), zap.Duration("duration", elapsed), zap.String("client", p.clientIP(r)))
 		}
 		sw.ResponseWriter = nil
 		p.writers.Put(sw)
 	}()
+	if p.limiter != nil && !p.allow(sw, r, &c) {
+		return
+	}
 	switch rt.action {
 	case actPass:
 		p.rp.ServeHTTP(sw, r)
 	case actWhoami:
-		p.serveWhoami(sw, r)
+		p.serveWhoami(sw, r, &c)
 	default:
-		p.serveRevoking(sw, r, rt)
+		p.serveRevoking(sw, r, rt, &c)
 	}
+}
+
+// allow charges a request to its bucket, and answers 429 itself when the
+// bucket is empty: a limited request never reaches the homeserver.
+func (p *Proxy) allow(w http.ResponseWriter, r *http.Request, c *caller) bool {
+	addr := clientAddr(r, p.trusted)
+	if inAny(addr, p.limiter.exemptCIDRs) {
+		return true
+	}
+	key, kind := ipKey(addr), limitedByIP
+	if c.result == tokencache.Hit {
+		if _, exempt := p.limiter.exemptUsers[c.answer.UserID]; exempt {
+			return true
+		}
+		key, kind = bucketKey{user: c.answer.UserID, device: c.answer.DeviceID}, limitedByUser
+	}
+	ok, wait := p.limiter.allow(key)
+	if !ok {
+		p.m.rateLimited[kind].Inc()
+		writeRateLimited(w, wait)
+	}
+	return ok
 }
 
 // rewrite is the ReverseProxy's Rewrite. ReverseProxy has already removed
 // hop-by-hop headers and the client's own X-Forwarded-*/Forwarded headers
-// from pr.Out: a client cannot choose the address the homeserver records
+// from pr.Out, and setForwarded writes the client address found by
+// clientAddr: a client cannot choose the address the homeserver records
 // (Synapse takes the first X-Forwarded-For entry, so appending would not do).
 func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	pr.SetURL(p.target)
@@ -148,13 +209,13 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	// parts; the homeserver should see what the client sent. The proxy
 	// never acts on a query it cannot parse, so there is nothing to smuggle.
 	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
-	setForwarded(pr.Out.Header, pr.In)
+	p.setForwarded(pr.Out.Header, pr.In)
 }
 
 // setForwarded sets X-Forwarded-For/Proto/Host for a request to the
 // homeserver on behalf of in.
-func setForwarded(h http.Header, in *http.Request) {
-	if ip := clientIP(in); ip != "" {
+func (p *Proxy) setForwarded(h http.Header, in *http.Request) {
+	if ip := p.clientIP(in); ip != "" {
 		h["X-Forwarded-For"] = []string{ip}
 	}
 	if in.TLS != nil {
@@ -167,13 +228,12 @@ func setForwarded(h http.Header, in *http.Request) {
 	}
 }
 
-// clientIP is the address of the client on the other end of the connection.
-func clientIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return ""
+// clientIP is the address of the client, as clientAddr finds it.
+func (p *Proxy) clientIP(r *http.Request) string {
+	if a := clientAddr(r, p.trusted); a.IsValid() {
+		return a.String()
 	}
-	return host
+	return ""
 }
 
 // proxyError is the ReverseProxy's ErrorHandler: the homeserver gave no HTTP

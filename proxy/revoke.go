@@ -60,10 +60,10 @@ func needsCaller(a action) bool {
 	return false
 }
 
-func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route) {
+func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route, c *caller) {
 	pl := &plan{route: rt, start: p.now()}
 	if needsCaller(rt.action) {
-		p.resolveCaller(r, pl)
+		p.resolveCaller(r, c, pl)
 	}
 	if rt.action == actDeleteDevices || rt.action == actPassword {
 		pl.body, pl.bodyComplete = readBody(r)
@@ -73,20 +73,18 @@ func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route) 
 
 // resolveCaller fills in who is making a revoking request: from the cache, or
 // with a whoami lookup (which also caches the answer).
-func (p *Proxy) resolveCaller(r *http.Request, pl *plan) {
-	c, ok := extractCredentials(r)
-	if !ok {
+func (p *Proxy) resolveCaller(r *http.Request, c *caller, pl *plan) {
+	if !c.ok {
 		if tok := tokenOnly(r); tok != "" {
 			pl.token, pl.hasToken = p.hasher.Token(tok), true
 		}
 		return
 	}
-	pl.token, pl.hasToken = p.hasher.Token(c.token), true
-	key := p.hasher.Key(c.token, c.masq)
-	a, res := p.cache.Get(key)
+	pl.token, pl.hasToken = c.key.Token, true
+	a, res := c.answer, c.result
 	if res == tokencache.Miss {
 		var err error
-		if a, res, err = p.resolve(r, key, c); err != nil {
+		if a, res, err = p.resolve(r, c.key, c.creds); err != nil {
 			return
 		}
 	}

@@ -17,17 +17,15 @@ import (
 // serveWhoami answers GET /account/whoami from the cache, asking the
 // homeserver on a miss. A request the cache cannot judge (no token, both
 // forms, a malformed header) goes to the homeserver untouched.
-func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request) {
-	c, ok := extractCredentials(r)
-	if !ok {
+func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request, c *caller) {
+	if !c.ok {
 		p.rp.ServeHTTP(w, r)
 		return
 	}
-	key := p.hasher.Key(c.token, c.masq)
-	a, res := p.cache.Get(key)
+	a, res := c.answer, c.result
 	if res == tokencache.Miss {
 		var err error
-		if a, res, err = p.resolve(r, key, c); err != nil {
+		if a, res, err = p.resolve(r, c.key, c.creds); err != nil {
 			p.lookupFailed(w, r, err)
 			return
 		}
@@ -40,7 +38,7 @@ func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request) {
 // with concurrent requests for the same key, from the homeserver.
 func (p *Proxy) resolve(r *http.Request, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result, error) {
 	wr := upstream.WhoamiRequest{Token: c.token, Query: masqueradeQuery(c.masq), Forward: http.Header{}}
-	setForwarded(wr.Forward, r)
+	p.setForwarded(wr.Forward, r)
 	if ua := r.Header["User-Agent"]; len(ua) > 0 {
 		// Synapse records the user agent per device; keep it the client's.
 		wr.Forward["User-Agent"] = ua

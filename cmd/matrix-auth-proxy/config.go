@@ -3,7 +3,9 @@ package main
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
+	"net/netip"
 	"net/url"
 	"reflect"
 	"strconv"
@@ -12,6 +14,8 @@ import (
 
 	"github.com/caarlos0/env/v11"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/proxy"
 )
 
 // Config is the whole configuration: environment variables only. README.md
@@ -30,9 +34,18 @@ type Config struct {
 	LogLevel          string        `env:"LOG_LEVEL" envDefault:"info"`
 	LogFormat         string        `env:"LOG_FORMAT" envDefault:"json"`
 
+	RateLimitRPS         float64  `env:"RATE_LIMIT_RPS" envDefault:"20"`
+	RateLimitBurst       int      `env:"RATE_LIMIT_BURST" envDefault:"100"`
+	RateLimitExemptUsers []string `env:"RATE_LIMIT_EXEMPT_USERS" envSeparator:","`
+	RateLimitExemptCIDRs []string `env:"RATE_LIMIT_EXEMPT_CIDRS" envSeparator:","`
+	TrustedProxies       []string `env:"TRUSTED_PROXIES" envSeparator:","`
+
 	// Derived by loadConfig.
-	upstream *url.URL
-	level    zapcore.Level
+	upstream    *url.URL
+	level       zapcore.Level
+	exemptCIDRs []netip.Prefix
+	trusted     []netip.Prefix
+	exemptUsers []string
 }
 
 // configError names the environment variable that is wrong, never the Go
@@ -75,6 +88,8 @@ func translateEnvError(err error, environ map[string]string) error {
 		return &configError{name, val + " is not a duration (use Go syntax: 500ms, 10s, 2m, 1h)"}
 	case reflect.TypeFor[int]():
 		return &configError{name, val + " is not a whole number"}
+	case reflect.TypeFor[float64]():
+		return &configError{name, val + " is not a number"}
 	}
 	return &configError{name, val + " is not valid: " + pe.Err.Error()}
 }
@@ -126,6 +141,34 @@ func (c *Config) validate() error {
 	}
 	if c.LogFormat != "json" && c.LogFormat != "console" {
 		return &configError{"LOG_FORMAT", fmt.Sprintf("%q is not json or console", c.LogFormat)}
+	}
+	return c.validateRateLimit()
+}
+
+func (c *Config) validateRateLimit() error {
+	if c.RateLimitRPS < 0 || math.IsNaN(c.RateLimitRPS) || math.IsInf(c.RateLimitRPS, 0) {
+		return &configError{"RATE_LIMIT_RPS", fmt.Sprintf("%v must be a number of requests per second, 0 or more (0 disables rate limiting)", c.RateLimitRPS)}
+	}
+	if c.RateLimitBurst < 1 {
+		return &configError{"RATE_LIMIT_BURST", fmt.Sprintf("%d must be at least 1", c.RateLimitBurst)}
+	}
+	for _, u := range c.RateLimitExemptUsers {
+		u = strings.TrimSpace(u)
+		if u == "" {
+			continue
+		}
+		if local, server, ok := strings.Cut(u, ":"); !ok || len(local) < 2 || local[0] != '@' || server == "" {
+			return &configError{"RATE_LIMIT_EXEMPT_USERS", fmt.Sprintf("%q is not a Matrix user ID like @bridge:example.org", u)}
+		}
+		c.exemptUsers = append(c.exemptUsers, u)
+	}
+	var bad string
+	var ok bool
+	if c.exemptCIDRs, bad, ok = proxy.ParsePrefixes(c.RateLimitExemptCIDRs); !ok {
+		return &configError{"RATE_LIMIT_EXEMPT_CIDRS", fmt.Sprintf("%q is not a CIDR like 10.0.0.0/8 or an address", bad)}
+	}
+	if c.trusted, bad, ok = proxy.ParsePrefixes(c.TrustedProxies); !ok {
+		return &configError{"TRUSTED_PROXIES", fmt.Sprintf("%q is not a CIDR like 10.0.0.0/8 or an address", bad)}
 	}
 	return nil
 }

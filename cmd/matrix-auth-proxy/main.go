@@ -106,8 +106,15 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 			NegativeTTL:   cfg.CacheNegativeTTL,
 			LookupTimeout: cfg.UpstreamTimeout,
 		},
-		Logger:     log,
-		Registerer: reg,
+		Logger:         log,
+		Registerer:     reg,
+		TrustedProxies: cfg.trusted,
+		RateLimit: proxy.RateLimitConfig{
+			RPS:         cfg.RateLimitRPS,
+			Burst:       cfg.RateLimitBurst,
+			ExemptUsers: cfg.exemptUsers,
+			ExemptCIDRs: cfg.exemptCIDRs,
+		},
 	})
 	if err != nil {
 		return err

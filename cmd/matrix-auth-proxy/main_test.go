@@ -3,10 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -25,10 +27,10 @@ func TestConfigDefaults(t *testing.T) {
 		CacheSize: 100000, CacheTTL: 2 * time.Minute, CacheNegativeTTL: 10 * time.Second,
 		UpstreamTimeout: 10 * time.Second, ReadinessInterval: 5 * time.Second,
 		ShutdownDelay: 5 * time.Second, ShutdownTimeout: 20 * time.Second,
-		LogLevel: "info", LogFormat: "json",
+		LogLevel: "info", LogFormat: "json", RateLimitRPS: 20, RateLimitBurst: 100,
 	}
 	cfg.upstream, cfg.level = nil, 0
-	if cfg != want {
+	if !reflect.DeepEqual(cfg, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", cfg, want)
 	}
 }
@@ -37,18 +39,23 @@ func TestConfigDefaults(t *testing.T) {
 // environment variable (not the Go field).
 func TestBadConfigExits2NamingTheVariable(t *testing.T) {
 	tests := map[string]string{
-		"CACHE_TTL":          "two minutes",
-		"CACHE_NEGATIVE_TTL": "-1s",
-		"CACHE_SIZE":         "0",
-		"UPSTREAM_TIMEOUT":   "0",
-		"SHUTDOWN_DELAY":     "soon",
-		"SHUTDOWN_TIMEOUT":   "-5s",
-		"READINESS_INTERVAL": "0s",
-		"UPSTREAM_URL":       "127.0.0.1:8008",
-		"LISTEN_ADDR":        "8080",
-		"ADMIN_ADDR":         ":http-alt",
-		"LOG_LEVEL":          "loud",
-		"LOG_FORMAT":         "xml",
+		"CACHE_TTL":               "two minutes",
+		"CACHE_NEGATIVE_TTL":      "-1s",
+		"CACHE_SIZE":              "0",
+		"UPSTREAM_TIMEOUT":        "0",
+		"SHUTDOWN_DELAY":          "soon",
+		"SHUTDOWN_TIMEOUT":        "-5s",
+		"READINESS_INTERVAL":      "0s",
+		"UPSTREAM_URL":            "127.0.0.1:8008",
+		"LISTEN_ADDR":             "8080",
+		"ADMIN_ADDR":              ":http-alt",
+		"LOG_LEVEL":               "loud",
+		"LOG_FORMAT":              "xml",
+		"RATE_LIMIT_RPS":          "-1",
+		"RATE_LIMIT_BURST":        "0",
+		"RATE_LIMIT_EXEMPT_USERS": "@bridge:hs,bridge",
+		"RATE_LIMIT_EXEMPT_CIDRS": "10.0.0.0/8, 10.0.0.0/33",
+		"TRUSTED_PROXIES":         "ingress",
 	}
 	for name, val := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -74,6 +81,22 @@ func TestBadConfigExits2NamingTheVariable(t *testing.T) {
 			t.Errorf("exit %d: %q", code, out.String())
 		}
 	})
+}
+
+func TestRateLimitConfig(t *testing.T) {
+	cfg, err := loadConfig(map[string]string{
+		"RATE_LIMIT_RPS": "2.5", "RATE_LIMIT_EXEMPT_USERS": "@telegram:hs, @irc:hs",
+		"RATE_LIMIT_EXEMPT_CIDRS": "10.0.0.0/8,192.0.2.7", "TRUSTED_PROXIES": "::ffff:172.16.0.0/108, fd00::/8",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.RateLimitRPS != 2.5 || !reflect.DeepEqual(cfg.exemptUsers, []string{"@telegram:hs", "@irc:hs"}) {
+		t.Errorf("rps %v users %q", cfg.RateLimitRPS, cfg.exemptUsers)
+	}
+	if fmt.Sprint(cfg.exemptCIDRs) != "[10.0.0.0/8 192.0.2.7/32]" || fmt.Sprint(cfg.trusted) != "[172.16.0.0/12 fd00::/8]" {
+		t.Errorf("cidrs %v trusted %v", cfg.exemptCIDRs, cfg.trusted)
+	}
 }
 
 func freeAddr(t *testing.T) string {
