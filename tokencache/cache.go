@@ -101,6 +101,10 @@ type Config struct {
 	// OnDrop, if set, is told every time entries are dropped and why. It is
 	// called with the cache's lock held: keep it quick and do not call back.
 	OnDrop func(reason Reason, n int)
+	// OnInvalidate, if set, is told of every invalidation made through the
+	// Invalidate methods and Flush (not Apply), after it took effect: the
+	// hook for sharing them with other replicas.
+	OnInvalidate func(Invalidation)
 }
 
 // Fetch asks the homeserver about a token. ctx is bounded by LookupTimeout.
@@ -118,6 +122,7 @@ type Cache struct {
 	lookupTimeout time.Duration
 	now           func() time.Time
 	onDrop        func(Reason, int)
+	onInvalidate  func(Invalidation)
 
 	flights singleflight.Group
 
@@ -148,21 +153,31 @@ type Cache struct {
 // was in flight is not stored at all.
 const invalidationLog = 1024
 
-type scope uint8
+// Scope says what an Invalidation drops.
+type Scope uint8
 
 const (
-	scopeToken scope = iota + 1
-	scopeDevice
-	scopeUser
-	scopeAll
+	ScopeToken  Scope = iota + 1 // every answer for one token
+	ScopeDevice                  // every positive answer for a user's device
+	ScopeUser                    // every positive answer for a user, but those of a spared token
+	ScopeAll                     // everything
 )
 
+// Invalidation is one decision to drop answers. It holds Matrix IDs and a
+// token's ID, never a token, so it can be shared with other replicas.
+type Invalidation struct {
+	Scope Scope
+	// Token is the token of ScopeToken, or the token ScopeUser spares
+	// (zero: none).
+	Token    TokenID
+	UserID   string
+	DeviceID string
+	Reason   Reason
+}
+
 type invalidation struct {
-	seq    uint64
-	scope  scope
-	token  TokenID // scopeToken; for scopeUser, the token spared (zero: none)
-	user   string
-	device string
+	Invalidation
+	seq uint64
 }
 
 // New returns an empty cache.
@@ -183,6 +198,7 @@ func New(cfg Config) (*Cache, error) {
 		lookupTimeout: cfg.LookupTimeout,
 		now:           cfg.Now,
 		onDrop:        cfg.OnDrop,
+		onInvalidate:  cfg.OnInvalidate,
 		users:         make(map[string][]Key),
 		variants:      make(map[TokenID][]Key),
 		dropping:      ReasonCapacity,
@@ -337,19 +353,19 @@ func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
 	}
 	for s := seq + 1; s <= c.seq; s++ {
 		inv := &c.log[s%invalidationLog]
-		switch inv.scope {
-		case scopeAll:
+		switch inv.Scope {
+		case ScopeAll:
 			return true
-		case scopeToken:
-			if inv.token == key.Token {
+		case ScopeToken:
+			if inv.Token == key.Token {
 				return true
 			}
-		case scopeDevice:
-			if a.Kind == Positive && a.UserID == inv.user && a.DeviceID == inv.device {
+		case ScopeDevice:
+			if a.Kind == Positive && a.UserID == inv.UserID && a.DeviceID == inv.DeviceID {
 				return true
 			}
-		case scopeUser:
-			if a.Kind == Positive && a.UserID == inv.user && inv.token != key.Token {
+		case ScopeUser:
+			if a.Kind == Positive && a.UserID == inv.UserID && inv.Token != key.Token {
 				return true
 			}
 		}
@@ -417,13 +433,6 @@ func (c *Cache) flushDrops() {
 	c.dropping = ReasonCapacity
 }
 
-// record appends an invalidation to the log. Called with mu held.
-func (c *Cache) record(inv invalidation) {
-	c.seq++
-	inv.seq = c.seq
-	c.log[c.seq%invalidationLog] = inv
-}
-
 // tokenKeys returns every key held for a token, in both LRUs. Called with mu
 // held.
 func (c *Cache) tokenKeys(id TokenID) []Key {
@@ -434,56 +443,71 @@ func (c *Cache) tokenKeys(id TokenID) []Key {
 // InvalidateToken drops every answer for a token (all masquerade variants)
 // and returns how many there were.
 func (c *Cache) InvalidateToken(id TokenID, reason Reason) int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.record(invalidation{scope: scopeToken, token: id})
-	return c.dropKeys(c.tokenKeys(id), reason)
+	return c.invalidate(Invalidation{Scope: ScopeToken, Token: id, Reason: reason})
 }
 
 // InvalidateDevice drops every positive answer for a user's device.
 func (c *Cache) InvalidateDevice(userID, deviceID string, reason Reason) int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.record(invalidation{scope: scopeDevice, user: userID, device: deviceID})
-	var keys []Key
-	for _, k := range c.users[userID] {
-		if e, ok := c.pos.Peek(k); ok && e.answer.DeviceID == deviceID {
-			keys = append(keys, k)
-		}
-	}
-	return c.dropKeys(keys, reason)
+	return c.invalidate(Invalidation{Scope: ScopeDevice, UserID: userID, DeviceID: deviceID, Reason: reason})
 }
 
 // InvalidateUser drops every positive answer for a user, except those for
 // the token spare (pass the zero TokenID to spare none).
 func (c *Cache) InvalidateUser(userID string, spare TokenID, reason Reason) int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.record(invalidation{scope: scopeUser, user: userID, token: spare})
-	var keys []Key
-	for _, k := range c.users[userID] {
-		if spare == (TokenID{}) || k.Token != spare {
-			keys = append(keys, k)
-		}
-	}
-	return c.dropKeys(keys, reason)
+	return c.invalidate(Invalidation{Scope: ScopeUser, UserID: userID, Token: spare, Reason: reason})
 }
 
 // Flush drops every answer: the answer when the caller cannot tell whose
 // entries a revocation concerned.
 func (c *Cache) Flush(reason Reason) int {
+	return c.invalidate(Invalidation{Scope: ScopeAll, Reason: reason})
+}
+
+func (c *Cache) invalidate(inv Invalidation) int {
+	n := c.Apply(inv)
+	if c.onInvalidate != nil {
+		c.onInvalidate(inv)
+	}
+	return n
+}
+
+// Apply carries out an invalidation without telling OnInvalidate: for
+// invalidations decided elsewhere (another replica). It returns how many
+// answers it dropped. Like every invalidation, it also keeps lookups in
+// flight from storing answers it concerns.
+func (c *Cache) Apply(inv Invalidation) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.record(invalidation{scope: scopeAll})
-	n := c.pos.Len()
-	c.dropping = reason
-	c.pos.Purge()
-	if c.neg != nil {
-		n += c.neg.Len()
-		c.neg.Purge()
+	c.seq++
+	c.log[c.seq%invalidationLog] = invalidation{inv, c.seq}
+	var keys []Key
+	switch inv.Scope {
+	case ScopeToken:
+		keys = c.tokenKeys(inv.Token)
+	case ScopeDevice:
+		for _, k := range c.users[inv.UserID] {
+			if e, ok := c.pos.Peek(k); ok && e.answer.DeviceID == inv.DeviceID {
+				keys = append(keys, k)
+			}
+		}
+	case ScopeUser:
+		for _, k := range c.users[inv.UserID] {
+			if inv.Token == (TokenID{}) || k.Token != inv.Token {
+				keys = append(keys, k)
+			}
+		}
+	case ScopeAll:
+		n := c.pos.Len()
+		c.dropping = inv.Reason
+		c.pos.Purge()
+		if c.neg != nil {
+			n += c.neg.Len()
+			c.neg.Purge()
+		}
+		c.flushDrops()
+		return n
 	}
-	c.flushDrops()
-	return n
+	return c.dropKeys(keys, inv.Reason)
 }
 
 // dropKeys removes keys from both LRUs for reason. Called with mu held.

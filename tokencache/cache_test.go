@@ -582,3 +582,37 @@ func TestConcurrentUse(t *testing.T) {
 		t.Errorf("indexes not empty after flush: %d users, %d variants", len(f.c.users), len(f.c.variants))
 	}
 }
+
+func TestOnInvalidateAndApply(t *testing.T) {
+	var seen []Invalidation
+	f := newFixture(t, func(c *Config) { c.OnInvalidate = func(inv Invalidation) { seen = append(seen, inv) } })
+	alice := f.h.Key("alice", Masquerade{})
+	bob := f.h.Key("bob", Masquerade{})
+	f.fill(t, alice, positive("@alice:x", "PHONE"))
+	f.fill(t, bob, positive("@bob:x", "PHONE"))
+
+	f.c.InvalidateToken(alice.Token, "logout")
+	f.c.InvalidateDevice("@a:x", "D", "device")
+	f.c.InvalidateUser("@a:x", bob.Token, "password")
+	f.c.Flush("test")
+	want := []Invalidation{
+		{Scope: ScopeToken, Token: alice.Token, Reason: "logout"},
+		{Scope: ScopeDevice, UserID: "@a:x", DeviceID: "D", Reason: "device"},
+		{Scope: ScopeUser, UserID: "@a:x", Token: bob.Token, Reason: "password"},
+		{Scope: ScopeAll, Reason: "test"},
+	}
+	if fmt.Sprint(seen) != fmt.Sprint(want) {
+		t.Errorf("told\n %v\nwant\n %v", seen, want)
+	}
+
+	// Apply drops like the methods do, without telling anyone.
+	seen = nil
+	f.fill(t, bob, positive("@bob:x", "PHONE"))
+	if n := f.c.Apply(Invalidation{Scope: ScopeDevice, UserID: "@bob:x", DeviceID: "PHONE", Reason: "remote"}); n != 1 {
+		t.Errorf("Apply dropped %d", n)
+	}
+	f.expect(t, bob, Miss)
+	if seen != nil || f.drops.get("remote") != 1 {
+		t.Errorf("Apply told %v, drops %d", seen, f.drops.get("remote"))
+	}
+}
