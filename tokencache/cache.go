@@ -18,6 +18,7 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
@@ -125,6 +126,7 @@ type Cache struct {
 	onInvalidate  func(Invalidation)
 
 	flights singleflight.Group
+	maxTTL  atomic.Int64 // ns; 0: none (see SetMaxTTL)
 
 	mu  sync.Mutex
 	pos *simplelru.LRU[Key, entry]
@@ -220,6 +222,11 @@ func New(cfg Config) (*Cache, error) {
 	}
 	return c, nil
 }
+
+// SetMaxTTL caps the lifetime of positive answers stored from now on (0
+// lifts the cap): while invalidations from other replicas may be missed, a
+// short lifetime bounds the harm.
+func (c *Cache) SetMaxTTL(d time.Duration) { c.maxTTL.Store(int64(d)) }
 
 // Len returns the number of answers held, positive and negative.
 func (c *Cache) Len() int {
@@ -320,7 +327,11 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 		c.flushDrops()
 		return
 	}
-	expires := now.Add(c.ttl).UnixNano()
+	ttl := c.ttl
+	if m := time.Duration(c.maxTTL.Load()); m > 0 && m < ttl {
+		ttl = m
+	}
+	expires := now.Add(ttl).UnixNano()
 	if d, ok := c.deadlines.Peek(key.Token); ok && d < expires {
 		expires = d
 	}

@@ -616,3 +616,16 @@ func TestOnInvalidateAndApply(t *testing.T) {
 		t.Errorf("Apply told %v, drops %d", seen, f.drops.get("remote"))
 	}
 }
+
+func TestSetMaxTTL(t *testing.T) {
+	f := newFixture(t, nil)
+	f.c.SetMaxTTL(5 * time.Second)
+	capped := f.h.Key("capped", Masquerade{})
+	f.fill(t, capped, positive("@a:x", "D"))
+	f.c.SetMaxTTL(0)
+	normal := f.h.Key("normal", Masquerade{})
+	f.fill(t, normal, positive("@b:x", "D"))
+	f.clock.Advance(5 * time.Second)
+	f.expect(t, capped, Miss)
+	f.expect(t, normal, Hit)
+}
