@@ -25,8 +25,8 @@ func TestClassify(t *testing.T) {
 		{"POST", "/_matrix/client//v3/./logout/", route{name: routeLogout, action: actLogout}},
 		{"GET", "/_matrix/client/v3/logout", route{}},
 		{"POST", "/_matrix/client/v3/logout/all", route{name: routeLogoutAll, action: actLogoutAll}},
-		{"DELETE", "/_matrix/client/v3/devices/ABC", route{name: routeDevices, action: actDeleteDevice, param: "ABC"}},
-		{"DELETE", "/_matrix/client/v3/devices/A%2FB%20C", route{name: routeDevices, action: actDeleteDevice, param: "A/B C"}},
+		{"DELETE", "/_matrix/client/v3/devices/ABC", route{name: routeDevices, action: actDeleteDevice, params: [2]string{"ABC"}}},
+		{"DELETE", "/_matrix/client/v3/devices/A%2FB%20C", route{name: routeDevices, action: actDeleteDevice, params: [2]string{"A/B C"}}},
 		{"GET", "/_matrix/client/v3/devices/ABC", route{}},
 		{"PUT", "/_matrix/client/v3/devices/ABC", route{}},
 		{"POST", "/_matrix/client/v3/delete_devices", route{name: routeDevices, action: actDeleteDevices}},
@@ -40,6 +40,13 @@ func TestClassify(t *testing.T) {
 		{"POST", "/_matrix/client/v3/rooms/!r:hs/send/logout", route{}},
 		{"POST", "/_matrix/media/v3/logout", route{}},
 		{"POST", "/logout", route{}},
+		{"DELETE", "/_synapse/admin/v2/users/%40a%3Ahs/devices/D1", route{name: routeDevices, action: actAdminDeleteDevice, params: [2]string{"@a:hs", "D1"}}},
+		{"POST", "/_synapse/admin/v2/users/@a:hs/delete_devices", route{name: routeDevices, action: actAdminDeleteDevices, params: [2]string{"@a:hs"}}},
+		{"POST", "/_synapse/admin/v1/deactivate/@a:hs", route{name: routeDeactivate, action: actAdminDeactivate, params: [2]string{"@a:hs"}}},
+		{"POST", "/_synapse/admin/v1/reset_password/@a:hs", route{name: routePassword, action: actAdminResetPassword, params: [2]string{"@a:hs"}}},
+		{"PUT", "/_synapse/admin/v2/users/@a:hs", route{action: actAdminPutUser, params: [2]string{"@a:hs"}}},
+		{"GET", "/_synapse/admin/v2/users/@a:hs", route{}},
+		{"PUT", "/_matrix/client/v3/rooms/!r:hs/send/m.room.message/1", route{}},
 	}
 	for _, tt := range tests {
 		r := &http.Request{Method: tt.method, URL: &url.URL{Path: mustUnescape(t, tt.path), RawPath: tt.path}}
@@ -196,6 +203,23 @@ func FuzzParseLoginResponse(f *testing.F) {
 			t.Fatalf("%q read as %+v, re-read as %+v", body, lr, lr2)
 		}
 	})
+}
+
+func TestParseAdminUserUpdate(t *testing.T) {
+	for body, want := range map[string]bool{
+		`{"deactivated":true}`:                        true,
+		`{"locked":true}`:                             true,
+		`{"password":"x"}`:                            true,
+		`{"password":"x","logout_devices":false}`:     false,
+		`{"password":"x","logout_devices":"no"}`:      true,
+		`{"displayname":"Alice","deactivated":false}`: false,
+		`{"admin":true}`:                              false,
+		`not json`:                                    true,
+	} {
+		if _, got := parseAdminUserUpdate([]byte(body)); got != want {
+			t.Errorf("%s: revokes=%v, want %v", body, got, want)
+		}
+	}
 }
 
 func TestParseLoginResponse(t *testing.T) {

@@ -65,7 +65,8 @@ func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route, 
 	if needsCaller(rt.action) {
 		p.resolveCaller(r, c, pl)
 	}
-	if rt.action == actDeleteDevices || rt.action == actPassword {
+	switch rt.action {
+	case actDeleteDevices, actPassword, actAdminDeleteDevices, actAdminResetPassword, actAdminPutUser:
 		pl.body, pl.bodyComplete = readBody(r)
 	}
 	p.rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), planKey{}, pl)))
@@ -166,7 +167,7 @@ func (p *Proxy) applyPlan(pl *plan, resp *http.Response) {
 			p.flush(reasonDevice, pl)
 			return
 		}
-		c.InvalidateDevice(pl.user, pl.route.param, reasonDevice)
+		c.InvalidateDevice(pl.user, pl.route.params[0], reasonDevice)
 	case actDeleteDevices:
 		if !pl.known {
 			p.flush(reasonDevice, pl)
@@ -204,6 +205,37 @@ func (p *Proxy) applyPlan(pl *plan, resp *http.Response) {
 		c.InvalidateUser(pl.user, tokencache.TokenID{}, reasonDeactivate)
 	case actLogin, actNewToken:
 		p.observeNewToken(pl, resp)
+	default:
+		p.applyAdmin(pl)
+	}
+}
+
+// applyAdmin invalidates what a successful Synapse admin API call revoked.
+// The user is in the path, so no caller needs resolving.
+func (p *Proxy) applyAdmin(pl *plan) {
+	c, user := p.cache, pl.route.params[0]
+	switch pl.route.action {
+	case actAdminDeleteDevice:
+		c.InvalidateDevice(user, pl.route.params[1], reasonDevice)
+	case actAdminDeleteDevices:
+		devices, ok := parseDeleteDevices(pl.body)
+		if !ok || !pl.bodyComplete {
+			c.InvalidateUser(user, tokencache.TokenID{}, reasonDevice)
+			return
+		}
+		for _, d := range devices {
+			c.InvalidateDevice(user, d, reasonDevice)
+		}
+	case actAdminDeactivate:
+		c.InvalidateUser(user, tokencache.TokenID{}, reasonDeactivate)
+	case actAdminResetPassword:
+		if logout, ok := parseLogoutDevices(pl.body); !ok || !pl.bodyComplete || logout {
+			c.InvalidateUser(user, tokencache.TokenID{}, reasonPassword)
+		}
+	case actAdminPutUser:
+		if reason, revokes := parseAdminUserUpdate(pl.body); revokes || !pl.bodyComplete {
+			c.InvalidateUser(user, tokencache.TokenID{}, reason)
+		}
 	}
 }
 
@@ -263,6 +295,27 @@ func parseLogoutDevices(body []byte) (logout, ok bool) {
 		return true, false
 	}
 	return logout, true
+}
+
+// parseAdminUserUpdate reads a PUT /_synapse/admin/v2/users/{userId} body
+// and says whether it revokes the user's tokens: "deactivated": true,
+// "locked": true, or a "password" without "logout_devices": false (the
+// default is to log out every device). Unreadable bodies revoke.
+func parseAdminUserUpdate(body []byte) (tokencache.Reason, bool) {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(body, &m) != nil {
+		return reasonDeactivate, true
+	}
+	isTrue := func(k string) bool { return string(m[k]) == "true" }
+	if isTrue("deactivated") || isTrue("locked") {
+		return reasonDeactivate, true
+	}
+	if pw, has := m["password"]; has && string(pw) != "null" {
+		if logout, ok := parseLogoutDevices(body); logout || !ok {
+			return reasonPassword, true
+		}
+	}
+	return "", false
 }
 
 type loginResponse struct {

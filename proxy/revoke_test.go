@@ -329,3 +329,60 @@ func TestRevocationDuringLookup(t *testing.T) {
 		t.Errorf("after logout/all: whoami %d, want 401 (a stale answer was cached)", code)
 	}
 }
+
+// Revocations made with the Synapse admin API through the proxy invalidate
+// like their client-API twins.
+func TestAdminAPIRevocations(t *testing.T) {
+	tests := []struct {
+		method, path, body string
+		revoked            []string
+	}{
+		{"DELETE", "/_synapse/admin/v2/users/%40alice%3Ahs/devices/PHONE", "", []string{"phone"}},
+		{"POST", "/_synapse/admin/v2/users/@alice:hs/delete_devices", `{"devices":["PHONE","LAPTOP"]}`, []string{"phone", "laptop"}},
+		{"POST", "/_synapse/admin/v1/deactivate/@alice:hs", `{"erase":false}`, []string{"phone", "laptop"}},
+		{"POST", "/_synapse/admin/v1/reset_password/@alice:hs", `{"new_password":"x"}`, []string{"phone", "laptop"}},
+		{"POST", "/_synapse/admin/v1/reset_password/@alice:hs", `{"new_password":"x","logout_devices":false}`, nil},
+		{"PUT", "/_synapse/admin/v2/users/@alice:hs", `{"deactivated":true}`, []string{"phone", "laptop"}},
+		{"PUT", "/_synapse/admin/v2/users/@alice:hs", `{"displayname":"Alice"}`, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.method+" "+tt.path+" "+tt.body, func(t *testing.T) {
+			h := newHarness(t)
+			tok := map[string]string{
+				"phone":  h.hs.login("@alice:hs", "PHONE"),
+				"laptop": h.hs.login("@alice:hs", "LAPTOP"),
+				"bob":    h.hs.login("@bob:hs", "PHONE"),
+			}
+			admin := h.hs.login("@admin:hs", "ADMIN")
+			for _, tk := range tok {
+				h.whoami(tk)
+			}
+			revoked := map[string]bool{}
+			for _, name := range tt.revoked {
+				revoked[name] = true
+			}
+			h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+				if !strings.HasPrefix(r.URL.Path, "/_synapse/admin/") {
+					return false
+				}
+				h.hs.revoke(func(t string, _ session) bool {
+					for name := range revoked {
+						if tok[name] == t {
+							return true
+						}
+					}
+					return false
+				})
+				writeJSON(w, 200, `{}`)
+				return true
+			})
+			h.call(200, tt.method, tt.path, bearer(admin), tt.body)
+			for name, tk := range tok {
+				code, _ := h.whoami(tk)
+				if want := map[bool]int{true: 401, false: 200}[revoked[name]]; code != want {
+					t.Errorf("%s: whoami %d, want %d", name, code, want)
+				}
+			}
+		})
+	}
+}

@@ -20,6 +20,14 @@ import (
 //	POST   …/login                   200: drop the user+device of the response (device reuse);
 //	                                      cap the new token's lifetime at expires_in_ms
 //	POST   …/register, …/refresh     200: cap the new token's lifetime at expires_in_ms
+//	Synapse admin API (/_synapse/admin/v1 or v2), 2xx:
+//	DELETE …/users/{userId}/devices/{deviceId}   drop that device
+//	POST   …/users/{userId}/delete_devices       drop the devices listed in the body
+//	POST   …/deactivate/{userId}                 drop the whole user
+//	POST   …/reset_password/{userId}             drop the whole user, unless "logout_devices": false
+//	PUT    …/users/{userId}                      drop the whole user if the body deactivates or
+//	                                             locks it, or sets a password without
+//	                                             "logout_devices": false
 //	any                              401 M_UNKNOWN_TOKEN: drop the request's token
 //	anything else                    passes through
 //
@@ -71,13 +79,22 @@ const (
 	actDeactivate                  // POST /account/deactivate
 	actLogin                       // POST /login
 	actNewToken                    // POST /register, POST /refresh
+
+	// The Synapse admin API names the user in the path.
+	actAdminDeleteDevice  // DELETE /_synapse/admin/v2/users/{userId}/devices/{deviceId}
+	actAdminDeleteDevices // POST /_synapse/admin/v2/users/{userId}/delete_devices
+	actAdminDeactivate    // POST /_synapse/admin/v1/deactivate/{userId}
+	actAdminResetPassword // POST /_synapse/admin/v1/reset_password/{userId}
+	actAdminPutUser       // PUT /_synapse/admin/v2/users/{userId}
 )
 
 // route is the outcome of matching a request.
 type route struct {
 	name   routeName
 	action action
-	param  string // the {deviceId} of DELETE /devices/{deviceId}
+	// params are the path parameters, in order: {deviceId} of the client
+	// API, {userId} and {deviceId} of the admin API.
+	params [2]string
 }
 
 type routeSpec struct {
@@ -98,6 +115,14 @@ var revokingRoutes = [...]routeSpec{
 	{http.MethodPost, []string{"refresh"}, route{name: routeOther, action: actNewToken}},
 }
 
+var adminRoutes = [...]routeSpec{
+	{http.MethodDelete, []string{"users", "*", "devices", "*"}, route{name: routeDevices, action: actAdminDeleteDevice}},
+	{http.MethodPost, []string{"users", "*", "delete_devices"}, route{name: routeDevices, action: actAdminDeleteDevices}},
+	{http.MethodPost, []string{"deactivate", "*"}, route{name: routeDeactivate, action: actAdminDeactivate}},
+	{http.MethodPost, []string{"reset_password", "*"}, route{name: routePassword, action: actAdminResetPassword}},
+	{http.MethodPut, []string{"users", "*"}, route{name: routeOther, action: actAdminPutUser}},
+}
+
 const (
 	whoamiR0 = "/_matrix/client/r0/account/whoami"
 	whoamiV3 = "/_matrix/client/v3/account/whoami"
@@ -113,35 +138,49 @@ func classify(r *http.Request) route {
 		return route{}
 	case http.MethodPost, http.MethodDelete:
 		return classifyRevoking(r.Method, r.URL.EscapedPath())
+	case http.MethodPut:
+		// The only revoking PUT is the admin API's; client PUTs (sending
+		// events, most of the traffic after /sync) need no parsing.
+		if p := r.URL.EscapedPath(); strings.HasPrefix(p, "/_synapse/") || strings.Contains(p, "admin") {
+			return classifyRevoking(r.Method, p)
+		}
+		return route{}
 	default:
-		// Only POST and DELETE revoke; PUT and GET (most of the traffic:
-		// /sync, sending events) need no parsing at all.
 		return route{}
 	}
 }
 
 func classifyRevoking(method, escapedPath string) route {
 	segs := segments(escapedPath)
-	if len(segs) < 3 || segs[0] != "_matrix" || segs[1] != "client" {
-		return route{}
+	switch {
+	case len(segs) >= 3 && segs[0] == "_matrix" && segs[1] == "client":
+		// One or two version segments: v3, r0, unstable; api/v1,
+		// unstable/org.matrix.mscNNNN.
+		return matchRoutes(revokingRoutes[:], method, segs[2:], 1, 2)
+	case len(segs) >= 3 && segs[0] == "_synapse" && segs[1] == "admin":
+		return matchRoutes(adminRoutes[:], method, segs[2:], 1, 1)
 	}
-	rest := segs[2:]
-	for _, spec := range revokingRoutes {
+	return route{}
+}
+
+// matchRoutes matches rest (the path after the API prefix) against specs,
+// allowing between minVersions and maxVersions version segments first.
+func matchRoutes(specs []routeSpec, method string, rest []string, minVersions, maxVersions int) route {
+	for _, spec := range specs {
 		if spec.method != method {
 			continue
 		}
-		// One or two version segments: v3, r0, unstable; api/v1,
-		// unstable/org.matrix.mscNNNN.
 		versions := len(rest) - len(spec.suffix)
-		if versions < 1 || versions > 2 {
+		if versions < minVersions || versions > maxVersions {
 			continue
 		}
-		rt, ok := spec.route, true
+		rt, ok, n := spec.route, true, 0
 		for i, want := range spec.suffix {
 			got := rest[versions+i]
 			switch {
 			case want == "*":
-				rt.param = got
+				rt.params[n] = got
+				n++
 			case got != want:
 				ok = false
 			}
