@@ -17,7 +17,9 @@
 #   deploy/local/synapse.sh url                     print the base URL (http://127.0.0.1:$SYNAPSE_PORT)
 #
 # Environment (defaults in brackets; <repo> = two directories above this script):
-#   SYNAPSE_VENV            virtualenv for Synapse           [<repo>/.cache/synapse/venv]
+#   SYNAPSE_VENV            virtualenv for Synapse; outside the repo so that fresh
+#                           clones (CI) reuse it
+#                           [${XDG_CACHE_HOME:-$HOME/.cache}/matrix-auth-proxy/synapse-venv]
 #   SYNAPSE_DATA            data dir: homeserver.yaml, log.config, signing key, homeserver.db,
 #                           media_store/, homeserver.log, stdout.log, synapse.pid,
 #                           shared_secret, macaroon_secret_key, form_secret
@@ -26,6 +28,8 @@
 #   SYNAPSE_VERSION         matrix-synapse version to pip install (pinned) [1.163.2]
 #   SYNAPSE_REFRESH_TOKEN_LIFETIME
 #                           refreshable_access_token_lifetime (Synapse duration) [5m]
+#   SYNAPSE_BCRYPT_ROUNDS   bcrypt_rounds for password hashes; the tests use 4 to keep
+#                           hundreds of logins cheap               [12]
 #   SYNAPSE_START_TIMEOUT   seconds to wait for the server to answer   [90]
 #   SYNAPSE_STOP_TIMEOUT    seconds to wait after TERM before KILL     [20]
 #   PYTHON                  interpreter used to create the venv        [python3]
@@ -41,11 +45,18 @@ set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(cd "$SCRIPT_DIR/../.." && pwd)"
 
-SYNAPSE_VENV="${SYNAPSE_VENV:-$REPO_DIR/.cache/synapse/venv}"
+if [[ -z "${SYNAPSE_VENV:-}" ]]; then
+  if [[ -n "${XDG_CACHE_HOME:-}${HOME:-}" ]]; then
+    SYNAPSE_VENV="${XDG_CACHE_HOME:-$HOME/.cache}/matrix-auth-proxy/synapse-venv"
+  else
+    SYNAPSE_VENV="$REPO_DIR/.cache/synapse/venv" # no home: keep it in the checkout
+  fi
+fi
 SYNAPSE_DATA="${SYNAPSE_DATA:-$REPO_DIR/.cache/synapse/data}"
 SYNAPSE_PORT="${SYNAPSE_PORT:-8008}"
 SYNAPSE_VERSION="${SYNAPSE_VERSION:-1.163.2}"
 SYNAPSE_REFRESH_TOKEN_LIFETIME="${SYNAPSE_REFRESH_TOKEN_LIFETIME:-5m}"
+SYNAPSE_BCRYPT_ROUNDS="${SYNAPSE_BCRYPT_ROUNDS:-12}"
 SYNAPSE_START_TIMEOUT="${SYNAPSE_START_TIMEOUT:-90}"
 SYNAPSE_STOP_TIMEOUT="${SYNAPSE_STOP_TIMEOUT:-20}"
 PYTHON="${PYTHON:-python3}"
@@ -83,6 +94,17 @@ installed_version() {
 
 cmd_install() {
   local have
+  if have="$(installed_version)" && [[ "$have" == "$SYNAPSE_VERSION" ]]; then
+    log "matrix-synapse $have already installed in $SYNAPSE_VENV"
+    return 0
+  fi
+  # The venv is shared by every checkout, the demo and the tests: let one
+  # installer at a time touch it (the lock is released when this shell exits).
+  if command -v flock >/dev/null 2>&1; then
+    mkdir -p "$(dirname "$SYNAPSE_VENV")"
+    exec 9>"$SYNAPSE_VENV.lock"
+    flock 9
+  fi
   if have="$(installed_version)" && [[ "$have" == "$SYNAPSE_VERSION" ]]; then
     log "matrix-synapse $have already installed in $SYNAPSE_VENV"
     return 0
@@ -184,6 +206,7 @@ listeners:
       - names: [client]
         compress: false
 refreshable_access_token_lifetime: $SYNAPSE_REFRESH_TOKEN_LIFETIME
+bcrypt_rounds: $SYNAPSE_BCRYPT_ROUNDS
 
 # Relaxed rate limits so tests never hit 429 by accident (every rc_* option of
 # Synapse 1.163's synapse/config/ratelimiting.py).
