@@ -76,11 +76,16 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 			return nil, err
 		}
 	}
-	// Resolve the children used on every request once, and make every
+	// Resolve the children used on every request once, and make the
 	// expected series exist from the start (a rate() over a series that
-	// appears late misses its first increments).
+	// appears late misses its first increments). Status codes other than
+	// these appear with their first request.
 	for n := range numRoutes {
 		m.durationByRoute[n] = m.duration.WithLabelValues(n.String())
+		m.requests.WithLabelValues(n.String(), "200")
+	}
+	for _, code := range []string{"200", "401"} {
+		m.upstreamWhoami.WithLabelValues(code)
 	}
 	for _, r := range []tokencache.Result{tokencache.Miss, tokencache.Hit, tokencache.NegativeHit} {
 		m.lookupsByResult[r] = m.lookups.WithLabelValues(r.String())

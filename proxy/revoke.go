@@ -122,15 +122,20 @@ type readCloser struct {
 
 // passiveInvalidation drops the token of a request the homeserver answered
 // with 401 M_UNKNOWN_TOKEN: it was revoked behind the proxy's back (the admin
-// API, another replica, expiry). An unreadable 401 counts as one.
+// API, another replica, expiry). A 401 whose body cannot be read counts as
+// one; a readable one with another errcode, or none (the first round of
+// user-interactive auth asking for a password), does not.
 func (p *Proxy) passiveInvalidation(resp *http.Response) {
 	tok := tokenOnly(resp.Request)
 	if tok == "" {
 		return
 	}
 	body, complete := peekResponse(resp)
-	if errcode, _, ok := parseError(body); complete && ok && errcode != "M_UNKNOWN_TOKEN" {
-		return // e.g. the 401 of user-interactive auth, asking for a password
+	var m map[string]json.RawMessage
+	if complete && json.Unmarshal(body, &m) == nil {
+		if errcode, _, _ := parseError(body); errcode != "M_UNKNOWN_TOKEN" {
+			return
+		}
 	}
 	p.cache.InvalidateToken(p.hasher.Token(tok), reasonUnknownToken)
 }
@@ -239,9 +244,11 @@ func (p *Proxy) applyAdmin(pl *plan) {
 	}
 }
 
-// observeNewToken reads a login, registration or refresh response. Logging in
-// with an existing device_id revokes that device's old tokens; a token with
-// expires_in_ms must not be cached past its expiry.
+// observeNewToken reads a login, registration or refresh response. A token
+// with expires_in_ms must not be cached past its expiry. Logging in with an
+// existing device_id may revoke that device's older tokens (the spec leaves
+// it open; Synapse 1.163 keeps them), so those are dropped too: at worst one
+// extra lookup.
 func (p *Proxy) observeNewToken(pl *plan, resp *http.Response) {
 	body, complete := peekResponse(resp)
 	lr, ok := parseLoginResponse(body)

@@ -52,7 +52,8 @@ func TestRevocations(t *testing.T) {
 				// The first round is a 401 asking for a password: nothing is
 				// revoked yet, and the cache must still answer.
 				h.call(401, "DELETE", "/_matrix/client/v3/devices/PHONE", bearer(tok["laptop"]), `{}`)
-				if h.counter("matrix_auth_proxy_token_cache_invalidations_total", "reason", "device") != 0 {
+				if h.counter("matrix_auth_proxy_token_cache_invalidations_total", "reason", "device") != 0 ||
+					h.counter("matrix_auth_proxy_token_cache_invalidations_total", "reason", "unknown_token") != 0 {
 					h.t.Error("the UIA round invalidated")
 				}
 				if code, _ := h.whoami(tok["phone"]); code != 200 {

@@ -17,7 +17,8 @@ import (
 //	POST   …/delete_devices          2xx: drop the devices listed in the body
 //	POST   …/account/password        2xx: drop the user's other tokens, unless "logout_devices": false
 //	POST   …/account/deactivate      2xx: drop the whole user
-//	POST   …/login                   200: drop the user+device of the response (device reuse);
+//	POST   …/login                   200: drop the user+device of the response (device reuse
+//	                                      may revoke older tokens on some homeservers);
 //	                                      cap the new token's lifetime at expires_in_ms
 //	POST   …/register, …/refresh     200: cap the new token's lifetime at expires_in_ms
 //	Synapse admin API (/_synapse/admin/v1 or v2), 2xx:

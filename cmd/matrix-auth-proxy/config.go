@@ -40,6 +40,12 @@ type Config struct {
 	RateLimitExemptCIDRs []string `env:"RATE_LIMIT_EXEMPT_CIDRS" envSeparator:","`
 	TrustedProxies       []string `env:"TRUSTED_PROXIES" envSeparator:","`
 
+	TokenHashKey      string        `env:"TOKEN_HASH_KEY"`
+	RedisURL          string        `env:"REDIS_URL"`
+	RedisPassword     string        `env:"REDIS_PASSWORD"`
+	RedisChannel      string        `env:"REDIS_CHANNEL" envDefault:"matrix-auth-proxy:invalidate"`
+	RedisDownCacheTTL time.Duration `env:"REDIS_DOWN_CACHE_TTL" envDefault:"10s"`
+
 	// Derived by loadConfig.
 	upstream    *url.URL
 	level       zapcore.Level
@@ -142,7 +148,34 @@ func (c *Config) validate() error {
 	if c.LogFormat != "json" && c.LogFormat != "console" {
 		return &configError{"LOG_FORMAT", fmt.Sprintf("%q is not json or console", c.LogFormat)}
 	}
-	return c.validateRateLimit()
+	if err := c.validateRateLimit(); err != nil {
+		return err
+	}
+	return c.validateBus()
+}
+
+// minHashKey is the shortest TOKEN_HASH_KEY accepted: 32 characters, e.g.
+// the output of `openssl rand -hex 16`.
+const minHashKey = 32
+
+func (c *Config) validateBus() error {
+	if c.TokenHashKey != "" && len(c.TokenHashKey) < minHashKey {
+		return &configError{"TOKEN_HASH_KEY", fmt.Sprintf("is %d characters; use at least %d random ones (openssl rand -hex 32)", len(c.TokenHashKey), minHashKey)}
+	}
+	if c.RedisURL == "" {
+		return nil
+	}
+	if u, err := url.Parse(c.RedisURL); err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+		// Never echo the value: it may carry a password.
+		return &configError{"REDIS_URL", "is not a redis:// or rediss:// URL with a host"}
+	}
+	if c.TokenHashKey == "" {
+		return &configError{"TOKEN_HASH_KEY", "must be set (the same on every replica) when REDIS_URL is: replicas name tokens by their keyed hash"}
+	}
+	if c.RedisDownCacheTTL <= 0 {
+		return &configError{"REDIS_DOWN_CACHE_TTL", fmt.Sprintf("%s must be positive", c.RedisDownCacheTTL)}
+	}
+	return nil
 }
 
 func (c *Config) validateRateLimit() error {

@@ -97,9 +97,18 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	var hashKey []byte // nil: a random key, right for a single replica
+	if cfg.TokenHashKey != "" {
+		hashKey = []byte(cfg.TokenHashKey)
+	}
+	hasher, err := tokencache.NewHasher(hashKey)
+	if err != nil {
+		return err
+	}
 	p, err := proxy.New(proxy.Config{
 		Upstream:  cfg.upstream,
 		Transport: transport,
+		Hasher:    hasher,
 		Cache: tokencache.Config{
 			Size:          cfg.CacheSize,
 			TTL:           cfg.CacheTTL,

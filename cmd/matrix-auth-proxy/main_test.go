@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -28,6 +29,7 @@ func TestConfigDefaults(t *testing.T) {
 		UpstreamTimeout: 10 * time.Second, ReadinessInterval: 5 * time.Second,
 		ShutdownDelay: 5 * time.Second, ShutdownTimeout: 20 * time.Second,
 		LogLevel: "info", LogFormat: "json", RateLimitRPS: 20, RateLimitBurst: 100,
+		RedisChannel: "matrix-auth-proxy:invalidate", RedisDownCacheTTL: 10 * time.Second,
 	}
 	cfg.upstream, cfg.level = nil, 0
 	if !reflect.DeepEqual(cfg, want) {
@@ -56,6 +58,8 @@ func TestBadConfigExits2NamingTheVariable(t *testing.T) {
 		"RATE_LIMIT_EXEMPT_USERS": "@bridge:hs,bridge",
 		"RATE_LIMIT_EXEMPT_CIDRS": "10.0.0.0/8, 10.0.0.0/33",
 		"TRUSTED_PROXIES":         "ingress",
+		"TOKEN_HASH_KEY":          "short",
+		"REDIS_URL":               "http://:secret@redis:6379",
 	}
 	for name, val := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -81,6 +85,34 @@ func TestBadConfigExits2NamingTheVariable(t *testing.T) {
 			t.Errorf("exit %d: %q", code, out.String())
 		}
 	})
+}
+
+func TestBusConfig(t *testing.T) {
+	key := strings.Repeat("k", 32)
+	for _, tt := range []struct {
+		env  map[string]string
+		want string // variable named in the error; "" for none
+	}{
+		{map[string]string{"REDIS_URL": "redis://redis:6379"}, "TOKEN_HASH_KEY"},
+		{map[string]string{"REDIS_URL": "redis://redis:6379", "TOKEN_HASH_KEY": key}, ""},
+		{map[string]string{"REDIS_URL": "rediss://:pw@redis:6380/0", "TOKEN_HASH_KEY": key, "REDIS_DOWN_CACHE_TTL": "0s"}, "REDIS_DOWN_CACHE_TTL"},
+		{map[string]string{"TOKEN_HASH_KEY": key}, ""},
+	} {
+		_, err := loadConfig(tt.env)
+		var ce *configError
+		switch {
+		case tt.want == "" && err != nil:
+			t.Errorf("%v: %v", tt.env, err)
+		case tt.want != "" && (!errors.As(err, &ce) || ce.Var != tt.want):
+			t.Errorf("%v: got %v, want an error naming %s", tt.env, err, tt.want)
+		}
+	}
+	// A bad REDIS_URL is named, its password never printed.
+	var out bytes.Buffer
+	run(t.Context(), map[string]string{"REDIS_URL": "http://:hunter2@redis"}, &out)
+	if !strings.Contains(out.String(), "REDIS_URL") || strings.Contains(out.String(), "hunter2") {
+		t.Errorf("output %q", out.String())
+	}
 }
 
 func TestRateLimitConfig(t *testing.T) {
