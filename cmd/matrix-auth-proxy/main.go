@@ -140,6 +140,15 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	}
 
 	probe := upstream.NewProbe(client, cfg.ReadinessInterval, cfg.UpstreamTimeout)
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "matrix_auth_proxy", Name: "upstream_ready",
+		Help: "1 while the homeserver answers /_matrix/client/versions (what /readyz reports, shutdown aside), else 0.",
+	}, func() float64 {
+		if probe.Ready() {
+			return 1
+		}
+		return 0
+	}))
 	var draining atomic.Bool
 	clientSrv := &http.Server{
 		Handler: p,
