@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 # the two agree.
 BUILD_FLAGS = -trimpath -ldflags "-s -w -X main.version=$(VERSION)"
 
-.PHONY: build test unit vet demo clean
+.PHONY: build test vet demo bench clean
 
 build:
 	CGO_ENABLED=0 $(GO) build $(BUILD_FLAGS) -o bin/matrix-auth-proxy ./cmd/matrix-auth-proxy
@@ -23,6 +23,11 @@ test: vet
 
 demo:
 	deploy/local/demo.sh
+
+# Benchmarks and the side-by-side load comparison (wrk, nginx; run as root).
+# Not part of `make test` or CI: these machines are shared and noisy.
+bench:
+	deploy/local/bench.sh
 
 clean:
 	rm -rf bin
