@@ -178,14 +178,7 @@ func (p *Proxy) applyPlan(pl *plan, resp *http.Response) {
 			p.flush(reasonDevice, pl)
 			return
 		}
-		devices, ok := parseDeleteDevices(pl.body)
-		if !ok || !pl.bodyComplete {
-			c.InvalidateUser(pl.user, tokencache.TokenID{}, reasonDevice)
-			return
-		}
-		for _, d := range devices {
-			c.InvalidateDevice(pl.user, d, reasonDevice)
-		}
+		p.dropDevices(pl.user, pl)
 	case actPassword:
 		logout, ok := parseLogoutDevices(pl.body)
 		ok = ok && pl.bodyComplete
@@ -215,6 +208,19 @@ func (p *Proxy) applyPlan(pl *plan, resp *http.Response) {
 	}
 }
 
+// dropDevices drops the devices a delete_devices body lists, or the whole
+// user when the body cannot be read.
+func (p *Proxy) dropDevices(user string, pl *plan) {
+	devices, ok := parseDeleteDevices(pl.body)
+	if !ok || !pl.bodyComplete {
+		p.cache.InvalidateUser(user, tokencache.TokenID{}, reasonDevice)
+		return
+	}
+	for _, d := range devices {
+		p.cache.InvalidateDevice(user, d, reasonDevice)
+	}
+}
+
 // applyAdmin invalidates what a successful Synapse admin API call revoked.
 // The user is in the path, so no caller needs resolving.
 func (p *Proxy) applyAdmin(pl *plan) {
@@ -223,14 +229,7 @@ func (p *Proxy) applyAdmin(pl *plan) {
 	case actAdminDeleteDevice:
 		c.InvalidateDevice(user, pl.route.params[1], reasonDevice)
 	case actAdminDeleteDevices:
-		devices, ok := parseDeleteDevices(pl.body)
-		if !ok || !pl.bodyComplete {
-			c.InvalidateUser(user, tokencache.TokenID{}, reasonDevice)
-			return
-		}
-		for _, d := range devices {
-			c.InvalidateDevice(user, d, reasonDevice)
-		}
+		p.dropDevices(user, pl)
 	case actAdminDeactivate:
 		c.InvalidateUser(user, tokencache.TokenID{}, reasonDeactivate)
 	case actAdminResetPassword:
