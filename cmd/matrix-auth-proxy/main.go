@@ -105,6 +105,14 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	// With REDIS_URL, every invalidation is shared with the other replicas.
+	// bus is set before anything is served, so the hook can read it freely.
+	var bus *tokencache.Bus
+	publish := func(inv tokencache.Invalidation) {
+		if bus != nil {
+			bus.Publish(inv)
+		}
+	}
 	p, err := proxy.New(proxy.Config{
 		Upstream:  cfg.upstream,
 		Transport: transport,
@@ -114,6 +122,7 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 			TTL:           cfg.CacheTTL,
 			NegativeTTL:   cfg.CacheNegativeTTL,
 			LookupTimeout: cfg.UpstreamTimeout,
+			OnInvalidate:  publish,
 		},
 		Logger:         log,
 		Registerer:     reg,
@@ -127,6 +136,20 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	})
 	if err != nil {
 		return err
+	}
+
+	if cfg.RedisURL != "" {
+		bus, err = tokencache.NewBus(tokencache.BusConfig{
+			URL:        cfg.RedisURL,
+			Password:   cfg.RedisPassword,
+			Channel:    cfg.RedisChannel,
+			DownTTL:    cfg.RedisDownCacheTTL,
+			Logger:     log.Named("bus"),
+			Registerer: reg,
+		}, p.Cache())
+		if err != nil {
+			return fmt.Errorf("REDIS_URL: %w", err)
+		}
 	}
 
 	clientLn, err := net.Listen("tcp", cfg.ListenAddr)
@@ -167,9 +190,13 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 		ErrorLog:          zap.NewStdLog(log.Named("admin")),
 	}
 
-	probeCtx, stopProbe := context.WithCancel(context.Background())
+	// The probe and the bus run until the client listener has drained.
+	bgCtx, stopBackground := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	wg.Go(func() { probe.Run(probeCtx) })
+	wg.Go(func() { probe.Run(bgCtx) })
+	if bus != nil {
+		wg.Go(func() { bus.Run(bgCtx) })
+	}
 	errc := make(chan error, 2)
 	for _, s := range []struct {
 		srv *http.Server
@@ -203,7 +230,7 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 		log.Warn("in-flight requests cut at SHUTDOWN_TIMEOUT", zap.Error(err))
 		clientSrv.Close()
 	}
-	stopProbe()
+	stopBackground()
 	adminCtx, cancelAdmin := context.WithTimeout(context.Background(), time.Second)
 	defer cancelAdmin()
 	if err := adminSrv.Shutdown(adminCtx); err != nil {

@@ -1,0 +1,601 @@
+package tokencache
+
+// This file shares invalidations between replicas of the proxy over Redis
+// pub/sub. Redis is never on the request path: Publish only enqueues, and a
+// Bus that cannot reach Redis leaves the cache serving, with shorter
+// lifetimes (DownTTL) and a flush once it is back, since it may have missed
+// invalidations in between. Pub/sub delivers at most once and only to
+// subscribers connected at that moment; the flush after every gap is what
+// makes that enough.
+//
+// What goes over the wire is an Invalidation: a TokenID (a keyed hash, only
+// meaningful to replicas sharing the hash key) and Matrix IDs, never a token.
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
+	"go.uber.org/zap"
+)
+
+// DefaultBusChannel is the pub/sub channel of a BusConfig without one.
+const DefaultBusChannel = "matrix-auth-proxy:invalidate"
+
+// Reasons a Bus drops entries for.
+const (
+	// ReasonBus labels invalidations decided by another replica. Their own
+	// reason is not used as a label: it comes off the network, and labels
+	// must stay a small fixed set.
+	ReasonBus Reason = "bus"
+	// ReasonBusResync labels flushes made because invalidations may have
+	// been missed: the subscription came back after a gap, the bus stayed
+	// down longer than DownTTL, or a peer lost some of its own.
+	ReasonBusResync Reason = "bus_resync"
+)
+
+const (
+	busQueueSize = 1024
+	// busMaxMessage bounds what is decoded; a real message is ~200 bytes.
+	busMaxMessage = 4096
+	// busOpTimeout bounds dialing, a publish, and the wait for the
+	// subscription's confirmation.
+	busOpTimeout = 2 * time.Second
+	// busHealthInterval is how long the subscription may stay silent
+	// before it is pinged; a ping unanswered for as long again means the
+	// link is gone. A killed Redis closes the socket and is noticed at once;
+	// this catches a silent one (a partition) within two intervals.
+	busHealthInterval = time.Second
+	busMinBackoff     = 100 * time.Millisecond
+	busMaxBackoff     = 10 * time.Second
+	busMessageVersion = 1
+)
+
+// Values of the dropped metric's reason label.
+const (
+	dropQueueFull     = "queue_full"
+	dropPublishFailed = "publish_failed"
+	dropMalformed     = "malformed"
+)
+
+// BusConfig is the behaviour of a Bus.
+type BusConfig struct {
+	// URL is the Redis server: redis://[user:password@]host:port[/db] or
+	// rediss:// for TLS (go-redis ParseURL syntax, including its query
+	// options). It is never logged with its password.
+	URL string
+	// Password, if set, overrides the URL's password, so that it can come
+	// from a Secret instead of being part of the URL.
+	Password string
+	// Channel is the pub/sub channel; "" means DefaultBusChannel. Every
+	// replica of one deployment must use the same one, and a different one
+	// from other deployments sharing the Redis server.
+	Channel string
+	// DownTTL bounds how long a positive answer lives while the bus is down
+	// (not subscribed), when invalidations made by other replicas are
+	// missed: answers stored meanwhile get at most DownTTL (Cache.SetMaxTTL)
+	// and, if the outage lasts DownTTL, the whole cache is flushed so that
+	// older answers do not outlive it either. 0: no bound beyond the cache's
+	// own TTL (the flush when the bus comes back still happens).
+	DownTTL time.Duration
+	// Logger; nil means none.
+	Logger *zap.Logger
+	// Registerer receives the bus metrics. Required.
+	Registerer prometheus.Registerer
+}
+
+// Bus shares a Cache's invalidations with the other replicas subscribed to
+// the same channel, and applies theirs. Wire Publish into the cache's
+// Config.OnInvalidate and run Run for as long as the cache is in use.
+type Bus struct {
+	cache   *Cache
+	opts    *redis.Options
+	channel string
+	downTTL time.Duration
+	log     *zap.Logger
+	// from tells this instance's messages apart when they come back.
+	from  string
+	queue chan Invalidation
+
+	up atomic.Bool
+	// owed is set when an invalidation of ours was lost on its way out:
+	// peers may hold what it dropped, so they are told to flush as soon
+	// as a publish gets through.
+	owed atomic.Bool
+	// lastQueueWarn (unix ns) rate-limits the queue-full warning.
+	lastQueueWarn   atomic.Int64
+	warnedMalformed atomic.Bool
+
+	m busMetrics
+}
+
+type busMetrics struct {
+	published, received, applied, flushes prometheus.Counter
+	queueFull, publishFailed, malformed   prometheus.Counter
+	up                                    prometheus.Gauge
+}
+
+// NewBus checks cfg and registers the bus metrics. It does not connect:
+// Run does.
+func NewBus(cfg BusConfig, c *Cache) (*Bus, error) {
+	if c == nil {
+		return nil, errors.New("tokencache: NewBus needs a Cache")
+	}
+	if cfg.Registerer == nil {
+		return nil, errors.New("tokencache: BusConfig.Registerer is required")
+	}
+	if cfg.DownTTL < 0 {
+		return nil, errors.New("tokencache: BusConfig.DownTTL must not be negative")
+	}
+	opts, err := redis.ParseURL(cfg.URL)
+	if err != nil {
+		// go-redis errors quote the URL; never repeat a password.
+		return nil, errors.New("tokencache: BusConfig.URL is not a redis:// or rediss:// URL")
+	}
+	if cfg.Password != "" {
+		opts.Password = cfg.Password
+	}
+	opts.DialTimeout = busOpTimeout
+	opts.ReadTimeout = busOpTimeout
+	opts.WriteTimeout = busOpTimeout
+	// A failed publish is counted and dealt with by a resync, not retried:
+	// retries would only hold the queue up while Redis is down.
+	opts.MaxRetries = -1
+	opts.PoolSize = 2
+	// Cluster maintenance notifications are for Redis Enterprise/Cloud
+	// endpoints; probing for them is noise on a plain server.
+	opts.MaintNotificationsConfig = &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+
+	b := &Bus{
+		cache:   c,
+		opts:    opts,
+		channel: cfg.Channel,
+		downTTL: cfg.DownTTL,
+		log:     cfg.Logger,
+		from:    fmt.Sprintf("%016x", rand.Uint64()),
+		queue:   make(chan Invalidation, busQueueSize),
+	}
+	if b.channel == "" {
+		b.channel = DefaultBusChannel
+	}
+	if b.log == nil {
+		b.log = zap.NewNop()
+	}
+	b.log = b.log.With(zap.String("redis", opts.Addr), zap.String("channel", b.channel))
+	if err := b.m.register(cfg.Registerer); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+func (m *busMetrics) register(reg prometheus.Registerer) error {
+	counter := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: "matrix_auth_proxy", Subsystem: "bus", Name: name, Help: help})
+	}
+	m.published = counter("messages_published_total", "Invalidations published to the other replicas.")
+	m.received = counter("messages_received_total", "Messages received on the channel, this replica's own echoes and malformed ones included.")
+	m.applied = counter("messages_applied_total", "Invalidations of other replicas applied to the cache.")
+	m.flushes = counter("flushes_total", "Cache flushes because invalidations may have been missed (bus back after a gap, down longer than the down TTL, or a peer lost some).")
+	dropped := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "matrix_auth_proxy", Subsystem: "bus", Name: "messages_dropped_total",
+		Help: "Messages lost: queue_full and publish_failed (outgoing), malformed (incoming).",
+	}, []string{"reason"})
+	m.queueFull = dropped.WithLabelValues(dropQueueFull)
+	m.publishFailed = dropped.WithLabelValues(dropPublishFailed)
+	m.malformed = dropped.WithLabelValues(dropMalformed)
+	m.up = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "matrix_auth_proxy", Subsystem: "bus", Name: "up",
+		Help: "1 while subscribed to the invalidation channel and able to publish, else 0.",
+	})
+	for _, c := range []prometheus.Collector{m.published, m.received, m.applied, m.flushes, dropped, m.up} {
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("tokencache: registering bus metrics: %w", err)
+		}
+	}
+	return nil
+}
+
+// Publish hands an invalidation to the other replicas. It never blocks:
+// meant for Config.OnInvalidate, it runs on the request path, so when the
+// queue is full (Redis slower than the invalidations) the invalidation is
+// dropped, counted and, at most every ten seconds, warned about.
+func (b *Bus) Publish(inv Invalidation) {
+	select {
+	case b.queue <- inv:
+	default:
+		b.m.queueFull.Inc()
+		now := time.Now().UnixNano()
+		if last := b.lastQueueWarn.Load(); now-last > int64(10*time.Second) && b.lastQueueWarn.CompareAndSwap(last, now) {
+			b.log.Warn("invalidation bus queue full: invalidations are not reaching the other replicas", zap.Int("queue", busQueueSize))
+		}
+	}
+}
+
+// Up reports whether the bus is subscribed and able to publish.
+func (b *Bus) Up() bool { return b.up.Load() }
+
+// Run connects, subscribes, applies the other replicas' invalidations and
+// publishes this one's, reconnecting with backoff, until ctx is done. It
+// returns once every connection is closed and every goroutine it started
+// has ended. Run it once. After it returns the cache no longer hears of
+// other replicas' invalidations, so positive answers stay capped at DownTTL
+// (matters when the proxy serves on during a graceful shutdown).
+func (b *Bus) Run(ctx context.Context) {
+	client := redis.NewClient(b.opts)
+	defer client.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait() // before client.Close
+	wg.Go(func() { b.publishLoop(ctx, client) })
+
+	l := &link{}
+	b.linkDown(l, nil) // until the first subscription, invalidations may be missed
+	backoff := busMinBackoff
+	for {
+		err := b.session(ctx, client, l)
+		if ctx.Err() != nil {
+			break
+		}
+		if l.up {
+			backoff = busMinBackoff
+		}
+		b.linkDown(l, err)
+		// Jitter (half the backoff, at random), so replicas that lost
+		// Redis together do not all come back in the same millisecond.
+		wait := backoff/2 + rand.N(backoff/2+1)
+		backoff = min(2*backoff, busMaxBackoff)
+		timer := time.NewTimer(wait)
+		for waiting := true; waiting; {
+			select {
+			case <-ctx.Done():
+				waiting = false
+			case <-timer.C:
+				waiting = false
+			case <-l.downFlush():
+				b.resync("bus down for longer than the down TTL")
+				l.flushTimer = nil
+			}
+		}
+		timer.Stop()
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	l.stopFlushTimer()
+	b.up.Store(false)
+	b.m.up.Set(0)
+	b.cache.SetMaxTTL(b.downTTL)
+}
+
+// link is the state of the connection, owned by Run's goroutine.
+type link struct {
+	up         bool
+	subscribed bool // ever
+	wasDown    bool // ever observed down
+	downSince  time.Time
+	warned     bool // about the current outage
+	flushTimer *time.Timer
+}
+
+func (l *link) downFlush() <-chan time.Time {
+	if l.flushTimer == nil {
+		return nil
+	}
+	return l.flushTimer.C
+}
+
+func (l *link) stopFlushTimer() {
+	if l.flushTimer != nil {
+		l.flushTimer.Stop()
+		l.flushTimer = nil
+	}
+}
+
+// linkDown records that the bus is not subscribed; err is why (nil: not
+// yet tried). The first failure of an outage is a warning, later ones of the
+// same outage are debug lines.
+func (b *Bus) linkDown(l *link, err error) {
+	if l.up || l.downSince.IsZero() {
+		l.up = false
+		l.downSince = time.Now()
+		l.warned = false
+		b.up.Store(false)
+		b.m.up.Set(0)
+		b.cache.SetMaxTTL(b.downTTL)
+		if b.downTTL > 0 {
+			l.stopFlushTimer()
+			l.flushTimer = time.NewTimer(b.downTTL)
+		}
+	}
+	if err == nil {
+		return
+	}
+	l.wasDown = true
+	if !l.warned {
+		l.warned = true
+		b.log.Warn("invalidation bus down: other replicas' logouts are not seen until it is back; the cache is flushed then",
+			zap.Duration("down_cache_ttl", b.downTTL), zap.Error(err))
+	} else if ce := b.log.Check(zap.DebugLevel, "invalidation bus still down"); ce != nil {
+		ce.Write(zap.Error(err))
+	}
+}
+
+// linkUp records that the subscription is confirmed and publishing works.
+func (b *Bus) linkUp(l *link) {
+	first := !l.subscribed
+	l.subscribed = true
+	l.up = true
+	l.stopFlushTimer()
+	// Anything cached before this moment may have missed an invalidation:
+	// on a reconnection always, on the first subscription if the cache
+	// already holds answers (Redis was slow or down at start-up).
+	if !first || l.wasDown || b.cache.Len() > 0 {
+		b.resync("")
+	}
+	b.cache.SetMaxTTL(0)
+	b.up.Store(true)
+	b.m.up.Set(1)
+	if l.warned {
+		b.log.Info("invalidation bus back up; cache flushed", zap.Duration("down_for", time.Since(l.downSince).Round(time.Millisecond)))
+	} else {
+		b.log.Info("invalidation bus up")
+	}
+	l.warned = false
+	// Our own losses are owed to the peers as a flush.
+	if b.owed.Swap(false) {
+		select {
+		case b.queue <- Invalidation{Scope: ScopeAll, Reason: ReasonBusResync}:
+		default:
+			b.owed.Store(true)
+		}
+	}
+}
+
+// resync flushes the cache, which may hold answers an unseen invalidation
+// concerned. Apply, not Flush: the peers need not follow.
+func (b *Bus) resync(why string) {
+	n := b.cache.Apply(Invalidation{Scope: ScopeAll, Reason: ReasonBusResync})
+	b.m.flushes.Inc()
+	if why != "" {
+		b.log.Warn("cache flushed: "+why, zap.Int("entries", n), zap.Duration("down_cache_ttl", b.downTTL))
+	}
+}
+
+// session subscribes and receives until the link fails or ctx is done.
+func (b *Bus) session(ctx context.Context, client *redis.Client, l *link) error {
+	ps := client.Subscribe(ctx) // no channel yet: does not connect
+	defer ps.Close()
+	// Receive does not watch ctx; closing the PubSub ends a blocked read.
+	stop := context.AfterFunc(ctx, func() { _ = ps.Close() })
+	defer stop()
+
+	if err := ps.Subscribe(ctx, b.channel); err != nil {
+		return err
+	}
+	for confirmed := false; !confirmed; {
+		msg, err := ps.ReceiveTimeout(ctx, busOpTimeout)
+		if err != nil {
+			return fmt.Errorf("waiting for the subscription: %w", err)
+		}
+		s, ok := msg.(*redis.Subscription)
+		confirmed = ok && s.Kind == "subscribe" && s.Channel == b.channel
+	}
+	pctx, cancel := context.WithTimeout(ctx, busOpTimeout)
+	err := client.Ping(pctx).Err()
+	cancel()
+	if err != nil {
+		return fmt.Errorf("publishing connection: %w", err)
+	}
+	b.linkUp(l)
+
+	pinged := false
+	for {
+		msg, err := ps.ReceiveTimeout(ctx, busHealthInterval)
+		switch {
+		case ctx.Err() != nil:
+			return nil
+		case err != nil && isTimeout(err) && !pinged:
+			// Quiet is fine; make sure it is not a dead link.
+			if err := ps.Ping(ctx); err != nil {
+				return err
+			}
+			pinged = true
+			continue
+		case err != nil && isTimeout(err):
+			return errors.New("redis did not answer a ping")
+		case err != nil:
+			return err
+		}
+		pinged = false
+		switch m := msg.(type) {
+		case *redis.Message:
+			b.receive(m.Payload)
+		case *redis.Subscription:
+			if m.Kind == "unsubscribe" && m.Channel == b.channel {
+				return errors.New("unsubscribed by the server")
+			}
+		}
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// receive applies one message from the channel.
+func (b *Bus) receive(payload string) {
+	b.m.received.Inc()
+	msg, inv, err := decodeBusMessage(payload)
+	if err != nil {
+		b.m.malformed.Inc()
+		// Only someone with access to Redis can send these, but a version
+		// skew during an upgrade would send many: warn once.
+		if !b.warnedMalformed.Swap(true) {
+			b.log.Warn("ignoring a malformed invalidation message; further ones are only counted",
+				zap.Int("bytes", len(payload)), zap.Error(err))
+		} else if ce := b.log.Check(zap.DebugLevel, "ignoring a malformed invalidation message"); ce != nil {
+			ce.Write(zap.Int("bytes", len(payload)), zap.Error(err))
+		}
+		return
+	}
+	if msg.From == b.from {
+		return
+	}
+	inv.Reason = ReasonBus
+	n := b.cache.Apply(inv)
+	b.m.applied.Inc()
+	if ce := b.log.Check(zap.DebugLevel, "applied a peer's invalidation"); ce != nil {
+		ce.Write(zap.String("scope", msg.Scope), zap.String("peer_reason", msg.Reason), zap.String("from", msg.From), zap.Int("dropped", n))
+	}
+}
+
+// publishLoop sends queued invalidations until ctx is done.
+func (b *Bus) publishLoop(ctx context.Context, client *redis.Client) {
+	for {
+		var inv Invalidation
+		select {
+		case <-ctx.Done():
+			return
+		case inv = <-b.queue:
+		}
+		if !b.up.Load() {
+			// Down: trying would only stall the queue on dial timeouts.
+			b.lost()
+			continue
+		}
+		if !b.send(ctx, client, inv) {
+			continue
+		}
+		if b.owed.Swap(false) && !b.send(ctx, client, Invalidation{Scope: ScopeAll, Reason: ReasonBusResync}) {
+			b.owed.Store(true)
+		}
+	}
+}
+
+func (b *Bus) lost() {
+	b.m.publishFailed.Inc()
+	b.owed.Store(true)
+}
+
+func (b *Bus) send(ctx context.Context, client *redis.Client, inv Invalidation) bool {
+	payload, err := encodeBusMessage(b.from, inv)
+	if err != nil {
+		b.log.Error("cannot encode an invalidation", zap.Error(err))
+		b.lost()
+		return false
+	}
+	pctx, cancel := context.WithTimeout(ctx, busOpTimeout)
+	defer cancel()
+	if err := client.Publish(pctx, b.channel, payload).Err(); err != nil {
+		b.lost()
+		if ctx.Err() == nil {
+			b.log.Warn("cannot publish an invalidation; the other replicas will be told to flush", zap.Error(err))
+		}
+		return false
+	}
+	b.m.published.Inc()
+	return true
+}
+
+// busMessage is the wire format, version 1. Only IDs, never a token.
+type busMessage struct {
+	V        int    `json:"v"`
+	From     string `json:"from"`
+	Scope    string `json:"scope"`
+	Token    string `json:"token,omitempty"` // hex TokenID
+	UserID   string `json:"user_id,omitempty"`
+	DeviceID string `json:"device_id,omitempty"`
+	// Reason is the sender's, for logs; receivers apply ReasonBus.
+	Reason string `json:"reason,omitempty"`
+}
+
+var scopeNames = map[Scope]string{ScopeToken: "token", ScopeDevice: "device", ScopeUser: "user", ScopeAll: "all"}
+
+func encodeBusMessage(from string, inv Invalidation) (string, error) {
+	m := busMessage{V: busMessageVersion, From: from, Scope: scopeNames[inv.Scope], Reason: string(inv.Reason)}
+	switch inv.Scope {
+	case ScopeToken:
+		m.Token = hex.EncodeToString(inv.Token[:])
+	case ScopeDevice:
+		m.UserID, m.DeviceID = inv.UserID, inv.DeviceID
+	case ScopeUser:
+		m.UserID = inv.UserID
+		if inv.Token != (TokenID{}) {
+			m.Token = hex.EncodeToString(inv.Token[:])
+		}
+	case ScopeAll:
+	default:
+		return "", fmt.Errorf("unknown scope %d", inv.Scope)
+	}
+	b, err := json.Marshal(m)
+	return string(b), err
+}
+
+// decodeBusMessage parses and checks a message. The Invalidation holds only
+// the fields its scope uses, and no Reason.
+func decodeBusMessage(payload string) (busMessage, Invalidation, error) {
+	var m busMessage
+	if len(payload) > busMaxMessage {
+		return m, Invalidation{}, fmt.Errorf("message of %d bytes, more than %d", len(payload), busMaxMessage)
+	}
+	if err := json.Unmarshal([]byte(payload), &m); err != nil {
+		return m, Invalidation{}, errors.New("not a JSON message object")
+	}
+	if m.V != busMessageVersion {
+		return m, Invalidation{}, fmt.Errorf("unsupported message version %d", m.V)
+	}
+	if m.From == "" {
+		return m, Invalidation{}, errors.New("no sender")
+	}
+	var inv Invalidation
+	token := func(required bool) error {
+		if m.Token == "" && !required {
+			return nil
+		}
+		if len(m.Token) != 2*len(inv.Token) {
+			return errors.New("token is not a hex token ID")
+		}
+		if _, err := hex.Decode(inv.Token[:], []byte(m.Token)); err != nil {
+			return errors.New("token is not a hex token ID")
+		}
+		return nil
+	}
+	var err error
+	switch m.Scope {
+	case "token":
+		inv.Scope = ScopeToken
+		err = token(true)
+	case "device":
+		inv.Scope = ScopeDevice
+		inv.UserID, inv.DeviceID = m.UserID, m.DeviceID
+		if m.UserID == "" {
+			err = errors.New("device scope without user_id")
+		}
+	case "user":
+		inv.Scope = ScopeUser
+		inv.UserID = m.UserID
+		if m.UserID == "" {
+			err = errors.New("user scope without user_id")
+		} else {
+			err = token(false)
+		}
+	case "all":
+		inv.Scope = ScopeAll
+	default:
+		err = errors.New("unknown scope")
+	}
+	if err != nil {
+		return m, Invalidation{}, err
+	}
+	return m, inv, nil
+}

@@ -1,0 +1,765 @@
+package tokencache
+
+// Tests of the invalidation bus against a real redis-server, started by each
+// test on a free 127.0.0.1 port and killed when it ends. Without the binary
+// (Debian: apt-get install redis-server) they skip, unless E2E_REQUIRED=1.
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// testRedis is a redis-server process of one test.
+type testRedis struct {
+	addr string
+	log  string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func startTestRedis(t *testing.T) *testRedis {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		if os.Getenv("E2E_REQUIRED") == "1" {
+			t.Fatalf("E2E_REQUIRED=1 but redis-server is not on PATH (Debian: apt-get install redis-server)")
+		}
+		t.Skip("redis-server not on PATH (Debian: apt-get install redis-server); set E2E_REQUIRED=1 to make this a failure")
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &testRedis{addr: ln.Addr().String(), log: filepath.Join(t.TempDir(), "redis.log")}
+	ln.Close()
+	r.Start(t)
+	t.Cleanup(func() {
+		r.Kill(t)
+		if t.Failed() {
+			b, _ := os.ReadFile(r.log)
+			t.Logf("---- redis-server log ----\n%s", b)
+		}
+	})
+	return r
+}
+
+func (r *testRedis) URL() string { return "redis://" + r.addr }
+
+// Start starts the server (again) on its port and waits until it answers.
+func (r *testRedis) Start(t *testing.T) {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(r.addr)
+	logf, err := os.OpenFile(r.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	r.cmd = exec.Command("redis-server", "--save", "", "--appendonly", "no", "--port", port, "--bind", "127.0.0.1")
+	r.cmd.Stdout, r.cmd.Stderr = logf, logf
+	if err := r.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	r.done = make(chan struct{})
+	go func() { _ = r.cmd.Wait(); close(r.done) }()
+	waitFor(t, 10*time.Second, "redis-server answering PING", func() bool {
+		select {
+		case <-r.done:
+			t.Fatalf("redis-server exited at start-up")
+		default:
+		}
+		c, err := net.DialTimeout("tcp", r.addr, time.Second)
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(time.Second))
+		if _, err := c.Write([]byte("PING\r\n")); err != nil {
+			return false
+		}
+		line, err := bufio.NewReader(c).ReadString('\n')
+		return err == nil && strings.HasPrefix(line, "+PONG")
+	})
+}
+
+// Kill kills the server (SIGKILL: no goodbye to its clients) and waits.
+func (r *testRedis) Kill(t *testing.T) {
+	t.Helper()
+	if r.cmd == nil {
+		return
+	}
+	_ = r.cmd.Process.Kill()
+	<-r.done
+	r.cmd = nil
+}
+
+// monitor records everything Redis receives (MONITOR) until the server
+// goes away or Stop is called.
+type monitor struct {
+	conn net.Conn
+	done chan struct{}
+	mu   sync.Mutex
+	out  strings.Builder
+}
+
+func startMonitor(t *testing.T, addr string) *monitor {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &monitor{conn: c, done: make(chan struct{})}
+	rd := bufio.NewReader(c)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("MONITOR\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := rd.ReadString('\n'); err != nil || !strings.HasPrefix(line, "+OK") {
+		t.Fatalf("MONITOR: %q, %v", line, err)
+	}
+	_ = c.SetDeadline(time.Time{})
+	go func() {
+		defer close(m.done)
+		for {
+			line, err := rd.ReadString('\n')
+			m.mu.Lock()
+			m.out.WriteString(line)
+			m.mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(m.Stop)
+	return m
+}
+
+func (m *monitor) Stop() {
+	m.conn.Close()
+	<-m.done
+}
+
+func (m *monitor) String() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.out.String()
+}
+
+// waitFor polls cond every millisecond until it holds or d passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, d)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// busNode is one replica: a cache, its bus and its registry.
+type busNode struct {
+	*fixture
+	bus *Bus
+	reg *prometheus.Registry
+}
+
+// newBusNode makes a replica on url and runs its bus until the test ends.
+// Every node of a test shares the fixture's hash key, as replicas must.
+func newBusNode(t *testing.T, url string, downTTL time.Duration) *busNode {
+	t.Helper()
+	n := &busNode{reg: prometheus.NewRegistry()}
+	n.fixture = newFixture(t, func(c *Config) {
+		c.TTL = 10 * time.Minute
+		c.OnInvalidate = func(inv Invalidation) { n.bus.Publish(inv) }
+	})
+	var err error
+	if n.bus, err = NewBus(BusConfig{URL: url, DownTTL: downTTL, Registerer: n.reg}, n.c); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.bus.Run(t.Context())
+	}()
+	t.Cleanup(func() { <-done }) // t.Context() is cancelled by then
+	return n
+}
+
+// metric returns the value of a bus metric by its exposed name (and reason
+// label, for the dropped counter); absent counts as 0.
+func (n *busNode) metric(t *testing.T, name string, reason ...string) float64 {
+	t.Helper()
+	mfs, err := n.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if len(reason) == 0 || lp.GetName() != "reason" || lp.GetValue() != reason[0] {
+					continue series
+				}
+			}
+			switch {
+			case m.GetCounter() != nil:
+				return m.GetCounter().GetValue()
+			case m.GetGauge() != nil:
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	return 0
+}
+
+const (
+	mPublished = "matrix_auth_proxy_bus_messages_published_total"
+	mReceived  = "matrix_auth_proxy_bus_messages_received_total"
+	mApplied   = "matrix_auth_proxy_bus_messages_applied_total"
+	mDropped   = "matrix_auth_proxy_bus_messages_dropped_total"
+	mUp        = "matrix_auth_proxy_bus_up"
+	mFlushes   = "matrix_auth_proxy_bus_flushes_total"
+)
+
+func (n *busNode) waitUp(t *testing.T, want bool, d time.Duration) {
+	t.Helper()
+	gauge := 0.0
+	if want {
+		gauge = 1
+	}
+	waitFor(t, d, fmt.Sprintf("bus up=%v", want), func() bool {
+		return n.bus.Up() == want && n.metric(t, mUp) == gauge
+	})
+}
+
+// Fake tokens, distinctive enough to be found in anything Redis received.
+var busTokens = []string{
+	"syt_RAWTOKEN_alice_dev1_Zq8XfA", "syt_RAWTOKEN_alice_dev1_masq_k2Lp",
+	"syt_RAWTOKEN_alice_dev2_Yd7QwE", "syt_RAWTOKEN_bob_dev1_Ur4TbN",
+}
+
+// assertNoRawTokens fails if a raw token reached Redis, after checking the
+// monitor did see the bus's traffic (so the assertion is not vacuous).
+func assertNoRawTokens(t *testing.T, traffic, published string) {
+	t.Helper()
+	if !strings.Contains(strings.ToLower(traffic), `"publish"`) || !strings.Contains(traffic, published) {
+		t.Fatalf("MONITOR did not see the bus publishing %s; saw:\n%s", published, traffic)
+	}
+	for _, tok := range busTokens {
+		if strings.Contains(traffic, tok) || strings.Contains(traffic, "RAWTOKEN") {
+			t.Fatalf("raw token %q reached Redis:\n%s", tok, traffic)
+		}
+	}
+}
+
+func TestBusSharesInvalidations(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) }) // registered first: runs last
+	rs := startTestRedis(t)
+	mon := startMonitor(t, rs.addr)
+	a := newBusNode(t, rs.URL(), time.Minute)
+	b := newBusNode(t, rs.URL(), time.Minute)
+	a.waitUp(t, true, 10*time.Second)
+	b.waitUp(t, true, 10*time.Second)
+
+	h := a.h
+	aliceDev1 := h.Key(busTokens[0], Masquerade{})
+	aliceDev1Masq := h.Key(busTokens[0], Masquerade{UserID: "@alice:example.org", DeviceID: "DEV1"})
+	aliceDev2 := h.Key(busTokens[2], Masquerade{})
+	bobDev1 := h.Key(busTokens[3], Masquerade{})
+	entries := map[Key]Answer{
+		aliceDev1:     positive("@alice:example.org", "DEV1"),
+		aliceDev1Masq: positive("@alice:example.org", "DEV1"),
+		aliceDev2:     positive("@alice:example.org", "DEV2"),
+		bobDev1:       positive("@bob:example.org", "DEV1"),
+	}
+
+	published := 0
+	for _, tc := range []struct {
+		name       string
+		invalidate func(*Cache)
+		gone       []Key
+	}{
+		{"token", func(c *Cache) { c.InvalidateToken(aliceDev1.Token, "logout") }, []Key{aliceDev1, aliceDev1Masq}},
+		{"device", func(c *Cache) { c.InvalidateDevice("@alice:example.org", "DEV2", "device") }, []Key{aliceDev2}},
+		{"user sparing a token", func(c *Cache) { c.InvalidateUser("@alice:example.org", aliceDev2.Token, "password") },
+			[]Key{aliceDev1, aliceDev1Masq}},
+		{"user", func(c *Cache) { c.InvalidateUser("@alice:example.org", TokenID{}, "deactivate") },
+			[]Key{aliceDev1, aliceDev1Masq, aliceDev2}},
+		{"all", func(c *Cache) { c.Flush("logout") }, []Key{aliceDev1, aliceDev1Masq, aliceDev2, bobDev1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, n := range []*busNode{a, b} {
+				n.c.Apply(Invalidation{Scope: ScopeAll, Reason: "test"})
+				for k, ans := range entries {
+					n.fill(t, k, ans)
+				}
+			}
+			appliedB := b.metric(t, mApplied)
+			dropsB := b.drops.get(ReasonBus)
+
+			start := time.Now()
+			tc.invalidate(a.c)
+			published++
+			gone := func(k Key) bool { _, r := b.c.Get(k); return r == Miss }
+			waitFor(t, 100*time.Millisecond, "invalidation applied on B", func() bool {
+				for _, k := range tc.gone {
+					if !gone(k) {
+						return false
+					}
+				}
+				return true
+			})
+			t.Logf("applied on B %v after the invalidation on A", time.Since(start).Round(time.Microsecond))
+			for k := range entries {
+				wantGone := false
+				for _, g := range tc.gone {
+					wantGone = wantGone || g == k
+				}
+				if gone(k) != wantGone {
+					t.Errorf("B: entry of %s/%s gone=%v, want %v", entries[k].UserID, entries[k].DeviceID, gone(k), wantGone)
+				}
+			}
+			if got := b.metric(t, mApplied) - appliedB; got != 1 {
+				t.Errorf("B applied %v messages, want 1", got)
+			}
+			if got := b.drops.get(ReasonBus) - dropsB; got != len(tc.gone) {
+				t.Errorf("B dropped %d entries with reason %q, want %d", got, ReasonBus, len(tc.gone))
+			}
+			// A hears its own message back and ignores it.
+			waitFor(t, time.Second, "A receiving its own echo", func() bool { return a.metric(t, mReceived) == float64(published) })
+			if got := a.metric(t, mApplied); got != 0 {
+				t.Errorf("A applied %v messages, want 0 (its own echoes)", got)
+			}
+			if got := a.metric(t, mPublished); got != float64(published) {
+				t.Errorf("A published %v, want %d", got, published)
+			}
+		})
+	}
+	for _, n := range []*busNode{a, b} {
+		for _, reason := range []string{"queue_full", "publish_failed", "malformed"} {
+			if got := n.metric(t, mDropped, reason); got != 0 {
+				t.Errorf("dropped{reason=%q} = %v, want 0", reason, got)
+			}
+		}
+		if got := n.metric(t, mFlushes); got != 0 {
+			t.Errorf("flushes = %v, want 0 (the cache was empty at the first subscription)", got)
+		}
+	}
+	assertNoRawTokens(t, mon.String(), fmt.Sprintf("%x", aliceDev1.Token[:]))
+}
+
+func TestBusIgnoresMalformedMessages(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	rs := startTestRedis(t)
+	b := newBusNode(t, rs.URL(), time.Minute)
+	b.waitUp(t, true, 10*time.Second)
+	key := b.h.Key(busTokens[0], Masquerade{})
+	b.fill(t, key, positive("@alice:example.org", "DEV1"))
+
+	raw := redis.NewClient(&redis.Options{Addr: rs.addr})
+	defer raw.Close()
+	hexID := fmt.Sprintf("%x", key.Token[:])
+	bad := []string{
+		``,
+		`not json`,
+		`[1,2,3]`,
+		`{"v":2,"from":"x","scope":"all"}`,
+		`{"from":"x","scope":"all"}`,
+		`{"v":1,"scope":"all"}`,
+		`{"v":1,"from":"x","scope":"everything"}`,
+		`{"v":1,"from":"x","scope":"token"}`,
+		`{"v":1,"from":"x","scope":"token","token":"` + hexID[:30] + `"}`,
+		`{"v":1,"from":"x","scope":"token","token":"` + strings.Repeat("zz", 16) + `"}`,
+		`{"v":1,"from":"x","scope":"device","device_id":"DEV1"}`,
+		`{"v":1,"from":"x","scope":"user"}`,
+		`{"v":1,"from":"x","scope":"user","user_id":"@alice:example.org","token":"abc"}`,
+		`{"v":1,"from":"x","scope":"all","user_id":"` + strings.Repeat("a", busMaxMessage) + `"}`,
+		`{"v":"1","from":"x","scope":"all"}`,
+	}
+	for _, p := range bad {
+		if err := raw.Publish(t.Context(), DefaultBusChannel, p).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 5*time.Second, "malformed messages counted", func() bool {
+		return b.metric(t, mDropped, "malformed") == float64(len(bad))
+	})
+	if _, r := b.c.Get(key); r != Hit {
+		t.Fatalf("a malformed message dropped an entry")
+	}
+	if got := b.metric(t, mApplied); got != 0 {
+		t.Fatalf("applied %v malformed messages", got)
+	}
+	// The bus is still working: a well-formed message from a peer applies.
+	good := `{"v":1,"from":"peer","scope":"token","token":"` + hexID + `","reason":"logout","future_field":true}`
+	if err := raw.Publish(t.Context(), DefaultBusChannel, good).Err(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "well-formed message applied", func() bool { _, r := b.c.Get(key); return r == Miss })
+	if got, want := b.metric(t, mReceived), float64(len(bad)+1); got != want {
+		t.Errorf("received = %v, want %v", got, want)
+	}
+	if !b.bus.Up() {
+		t.Error("bus down after malformed messages")
+	}
+}
+
+func TestBusSurvivesRedisOutage(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	const downTTL = 30 * time.Second // long: the test's outage must not reach it
+	rs := startTestRedis(t)
+	mon := startMonitor(t, rs.addr)
+	a := newBusNode(t, rs.URL(), downTTL)
+	b := newBusNode(t, rs.URL(), downTTL)
+	a.waitUp(t, true, 10*time.Second)
+	b.waitUp(t, true, 10*time.Second)
+
+	beforeOutage := b.h.Key(busTokens[0], Masquerade{})
+	duringOutage := b.h.Key(busTokens[1], Masquerade{})
+	onA := a.h.Key(busTokens[2], Masquerade{})
+	afterOutage := b.h.Key(busTokens[3], Masquerade{})
+	b.fill(t, beforeOutage, positive("@alice:example.org", "DEV1"))
+	a.fill(t, onA, positive("@alice:example.org", "DEV2"))
+
+	start := time.Now()
+	rs.Kill(t)
+	mon.Stop()
+	traffic := mon.String()
+	a.waitUp(t, false, 5*time.Second)
+	b.waitUp(t, false, 5*time.Second)
+	t.Logf("both buses down %v after Redis was killed", time.Since(start).Round(time.Millisecond))
+
+	// The cache keeps working, with positive answers clamped to downTTL.
+	b.fill(t, duringOutage, positive("@alice:example.org", "DEV1"))
+	b.clock.Advance(downTTL - time.Nanosecond)
+	b.expect(t, duringOutage, Hit)
+	b.clock.Advance(time.Nanosecond)
+	b.expect(t, duringOutage, Miss)
+	b.fill(t, duringOutage, positive("@alice:example.org", "DEV1"))
+	b.expect(t, beforeOutage, Hit) // stored before: its own TTL
+	// Local invalidations still work; the one that could not be published
+	// is counted, and owed to the peers as a flush.
+	if n := a.c.InvalidateToken(onA.Token, "logout"); n != 1 {
+		t.Fatalf("InvalidateToken on A during the outage dropped %d, want 1", n)
+	}
+	waitFor(t, 5*time.Second, "A counting the lost publish", func() bool {
+		return a.metric(t, mDropped, "publish_failed") == 1
+	})
+
+	start = time.Now()
+	rs.Start(t)
+	mon = startMonitor(t, rs.addr)
+	a.waitUp(t, true, 15*time.Second)
+	b.waitUp(t, true, 15*time.Second)
+	t.Logf("both buses up %v after Redis restarted", time.Since(start).Round(time.Millisecond))
+	// B flushed on resubscribing (entries filled before and during the
+	// outage may have missed invalidations), and again for A's resync.
+	if got := b.metric(t, mFlushes); got != 1 {
+		t.Errorf("B flushes = %v, want 1", got)
+	}
+	if got := a.metric(t, mFlushes); got != 1 {
+		t.Errorf("A flushes = %v, want 1", got)
+	}
+	b.expect(t, beforeOutage, Miss)
+	b.expect(t, duringOutage, Miss)
+	if got := b.drops.get(ReasonBusResync); got != 2 {
+		t.Errorf("B dropped %d entries for %q, want 2", got, ReasonBusResync)
+	}
+	// A lost an invalidation: once back, it tells the peers to flush (B
+	// gets it only if it resubscribed first; it flushed anyway). Then a
+	// marker through the same ordered path, so that a late resync cannot
+	// drop what is filled next.
+	waitFor(t, 5*time.Second, "A publishing its resync", func() bool { return a.metric(t, mPublished) == 1 })
+	applied := b.metric(t, mApplied)
+	a.c.InvalidateUser("@nobody:example.org", TokenID{}, "deactivate")
+	waitFor(t, time.Second, "B applying the marker", func() bool { return b.metric(t, mApplied) > applied })
+
+	// The clamp is lifted: the cache's own TTL again.
+	b.fill(t, afterOutage, positive("@bob:example.org", "DEV1"))
+	b.clock.Advance(downTTL + time.Minute)
+	b.expect(t, afterOutage, Hit)
+	// And the bus works again.
+	a.c.InvalidateDevice("@bob:example.org", "DEV1", "device")
+	waitFor(t, 100*time.Millisecond, "B applying A's invalidation after the outage", func() bool {
+		_, r := b.c.Get(afterOutage)
+		return r == Miss
+	})
+	mon.Stop()
+	traffic += mon.String()
+	if !strings.Contains(traffic, `\"scope\":\"all\",\"reason\":\"bus_resync\"`) {
+		t.Errorf("A's resync is not in the Redis traffic:\n%s", traffic)
+	}
+	assertNoRawTokens(t, traffic, "@bob:example.org")
+}
+
+func TestBusNoticesSilentRedis(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	rs := startTestRedis(t)
+	b := newBusNode(t, rs.URL(), time.Minute)
+	b.waitUp(t, true, 10*time.Second)
+	// A frozen server (or a partition) closes no socket: only the health
+	// check's unanswered ping tells.
+	if err := rs.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	b.waitUp(t, false, 5*time.Second)
+	t.Logf("bus down %v after Redis froze", time.Since(start).Round(time.Millisecond))
+	if err := rs.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	b.waitUp(t, true, 20*time.Second)
+}
+
+func TestBusResyncAfterLostPublish(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	rs := startTestRedis(t)
+	a := newBusNode(t, rs.URL(), time.Minute)
+	b := newBusNode(t, rs.URL(), time.Minute)
+	a.waitUp(t, true, 10*time.Second)
+	b.waitUp(t, true, 10*time.Second)
+	bob := b.h.Key(busTokens[3], Masquerade{})
+	b.fill(t, bob, positive("@bob:example.org", "DEV1"))
+
+	// A loses one of its invalidations while B stays subscribed (a
+	// partition on A's side, a publish timeout): B never sees that gap by
+	// itself, so A's next publish that gets through is followed by a flush.
+	a.bus.lost()
+	a.c.InvalidateDevice("@alice:example.org", "DEV1", "device")
+	waitFor(t, time.Second, "B flushed by A's resync", func() bool { _, r := b.c.Get(bob); return r == Miss })
+	waitFor(t, time.Second, "B applying both", func() bool { return b.metric(t, mApplied) == 2 })
+	if got := a.metric(t, mPublished); got != 2 {
+		t.Errorf("A published %v, want 2 (the invalidation, then the resync)", got)
+	}
+	if got := b.metric(t, mFlushes); got != 0 {
+		t.Errorf("B counted %v flushes of its own, want 0", got)
+	}
+}
+
+// logBuffer collects a zap logger's JSON lines.
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func (l *logBuffer) logger() *zap.Logger {
+	return zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(l), zap.DebugLevel))
+}
+
+func TestBusFlushesWhenDownLongerThanDownTTL(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	// Nothing listens there: the bus is down from the start.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+
+	reg := prometheus.NewRegistry()
+	var bus *Bus
+	f := newFixture(t, func(c *Config) {
+		c.TTL = 10 * time.Minute
+		c.OnInvalidate = func(inv Invalidation) { bus.Publish(inv) }
+	})
+	key := f.h.Key(busTokens[0], Masquerade{})
+	f.fill(t, key, positive("@alice:example.org", "DEV1")) // stored at full TTL
+	logs := &logBuffer{}
+	bus, err = NewBus(BusConfig{URL: "redis://" + addr, DownTTL: 300 * time.Millisecond, Registerer: reg, Logger: logs.logger()}, f.c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &busNode{fixture: f, bus: bus, reg: reg}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { defer close(done); bus.Run(ctx) }()
+
+	start := time.Now()
+	waitFor(t, 5*time.Second, "cache flushed after the down TTL", func() bool { _, r := f.c.Get(key); return r == Miss })
+	if d := time.Since(start); d < 300*time.Millisecond {
+		t.Errorf("flushed after %v, before the down TTL", d)
+	}
+	if got := n.metric(t, mFlushes); got != 1 {
+		t.Errorf("flushes = %v, want 1", got)
+	}
+	if n.metric(t, mUp) != 0 || bus.Up() {
+		t.Error("bus reported up with nothing listening")
+	}
+	// Publishing while down neither blocks nor leaks a token: it is counted.
+	f.c.InvalidateToken(key.Token, "logout")
+	waitFor(t, 5*time.Second, "lost publish counted", func() bool { return n.metric(t, mDropped, "publish_failed") == 1 })
+
+	// Let it retry a few times: one warning per outage, not one per retry.
+	waitFor(t, 5*time.Second, "a few retries", func() bool { return time.Since(start) > time.Second })
+	cancel()
+	<-done
+	if got := strings.Count(logs.String(), "invalidation bus down"); got != 1 {
+		t.Errorf("%d bus-down warnings, want 1:\n%s", got, logs.String())
+	}
+	if strings.Contains(logs.String(), "RAWTOKEN") {
+		t.Errorf("a token reached the logs:\n%s", logs.String())
+	}
+	// The clamp stays after Run returns: nothing is heard from peers.
+	f.fill(t, key, positive("@alice:example.org", "DEV1"))
+	f.clock.Advance(300*time.Millisecond - time.Nanosecond)
+	f.expect(t, key, Hit)
+	f.clock.Advance(time.Nanosecond)
+	f.expect(t, key, Miss)
+}
+
+func TestNewBusConfig(t *testing.T) {
+	f := newFixture(t, nil)
+	for name, cfg := range map[string]BusConfig{
+		"no registerer":     {URL: "redis://127.0.0.1:6379"},
+		"not redis":         {URL: "http://127.0.0.1:6379", Registerer: prometheus.NewRegistry()},
+		"not a url":         {URL: "::", Registerer: prometheus.NewRegistry()},
+		"negative down ttl": {URL: "redis://127.0.0.1:6379", DownTTL: -time.Second, Registerer: prometheus.NewRegistry()},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if _, err := NewBus(cfg, f.c); err == nil {
+				t.Error("NewBus accepted a bad config")
+			}
+		})
+	}
+	t.Run("no cache", func(t *testing.T) {
+		if _, err := NewBus(BusConfig{URL: "redis://127.0.0.1:6379", Registerer: prometheus.NewRegistry()}, nil); err == nil {
+			t.Error("NewBus accepted a nil cache")
+		}
+	})
+	t.Run("password never in errors", func(t *testing.T) {
+		_, err := NewBus(BusConfig{URL: "redis://:hunter2@127.0.0.1:6379/notadb", Registerer: prometheus.NewRegistry()}, f.c)
+		if err == nil || strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("got %v, want an error without the password", err)
+		}
+	})
+	t.Run("defaults and password override", func(t *testing.T) {
+		reg := prometheus.NewRegistry()
+		b, err := NewBus(BusConfig{URL: "rediss://:fromurl@redis.example.org:6380/2", Password: "fromsecret", Registerer: reg}, f.c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b.channel != DefaultBusChannel || b.opts.Password != "fromsecret" || b.opts.TLSConfig == nil || b.opts.Addr != "redis.example.org:6380" {
+			t.Errorf("channel %q, password %q, TLS %v, addr %q", b.channel, b.opts.Password, b.opts.TLSConfig != nil, b.opts.Addr)
+		}
+		// Registered, at their zero values, before anything happened.
+		n := &busNode{bus: b, reg: reg}
+		mfs, _ := reg.Gather()
+		if len(mfs) != 6 {
+			t.Errorf("%d metric families registered, want 6", len(mfs))
+		}
+		if got := n.metric(t, mDropped, "queue_full"); got != 0 {
+			t.Errorf("queue_full = %v", got)
+		}
+		if _, err := NewBus(BusConfig{URL: "redis://127.0.0.1:6379", Registerer: reg}, f.c); err == nil {
+			t.Error("a second bus registered the same metrics without an error")
+		}
+	})
+}
+
+func TestBusPublishNeverBlocks(t *testing.T) {
+	f := newFixture(t, nil)
+	reg := prometheus.NewRegistry()
+	b, err := NewBus(BusConfig{URL: "redis://127.0.0.1:1", Registerer: reg}, f.c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Nothing drains the queue (Run is not running): past its size,
+	// invalidations are dropped and counted, never waited for.
+	const extra = 10
+	for range busQueueSize + extra {
+		b.Publish(Invalidation{Scope: ScopeAll, Reason: "logout"})
+	}
+	n := &busNode{bus: b, reg: reg}
+	if got := n.metric(t, mDropped, "queue_full"); got != extra {
+		t.Errorf("queue_full = %v, want %d", got, extra)
+	}
+}
+
+func TestBusMessageFormat(t *testing.T) {
+	id := TokenID{0xde, 0xad, 0xbe, 0xef, 15: 0x01}
+	for _, tc := range []struct {
+		inv  Invalidation
+		want string
+	}{
+		{Invalidation{Scope: ScopeToken, Token: id, Reason: "logout"},
+			`{"v":1,"from":"me","scope":"token","token":"deadbeef000000000000000000000001","reason":"logout"}`},
+		{Invalidation{Scope: ScopeDevice, UserID: "@a:x", DeviceID: "D", Reason: "device"},
+			`{"v":1,"from":"me","scope":"device","user_id":"@a:x","device_id":"D","reason":"device"}`},
+		{Invalidation{Scope: ScopeUser, UserID: "@a:x", Token: id, Reason: "password"},
+			`{"v":1,"from":"me","scope":"user","token":"deadbeef000000000000000000000001","user_id":"@a:x","reason":"password"}`},
+		{Invalidation{Scope: ScopeUser, UserID: "@a:x", Reason: "deactivate"},
+			`{"v":1,"from":"me","scope":"user","user_id":"@a:x","reason":"deactivate"}`},
+		{Invalidation{Scope: ScopeAll, Reason: "logout"},
+			`{"v":1,"from":"me","scope":"all","reason":"logout"}`},
+	} {
+		got, err := encodeBusMessage("me", tc.inv)
+		if err != nil || got != tc.want {
+			t.Errorf("encode %+v:\n got %s, %v\nwant %s", tc.inv, got, err, tc.want)
+			continue
+		}
+		msg, inv, err := decodeBusMessage(got)
+		want := tc.inv
+		want.Reason = ""
+		if err != nil || inv != want || msg.From != "me" || msg.Reason != string(tc.inv.Reason) {
+			t.Errorf("decode %s: got %+v from %q, %v; want %+v", got, inv, msg.From, err, want)
+		}
+	}
+	if _, err := encodeBusMessage("me", Invalidation{}); err == nil {
+		t.Error("encoded an invalidation without a scope")
+	}
+}
+
+// FuzzBusMessage: whatever arrives on the channel, decoding never panics,
+// and what it accepts means the same after a round trip.
+func FuzzBusMessage(f *testing.F) {
+	f.Add(`{"v":1,"from":"a","scope":"token","token":"deadbeef000000000000000000000001","reason":"logout"}`)
+	f.Add(`{"v":1,"from":"a","scope":"user","user_id":"@a:x","token":""}`)
+	f.Add(`{"v":1,"from":"a","scope":"device","user_id":"@a:x","device_id":"D"}`)
+	f.Add(`{"v":1,"from":"a","scope":"all"}`)
+	f.Add(`{"v":2}`)
+	f.Add(`null`)
+	f.Fuzz(func(t *testing.T, payload string) {
+		msg, inv, err := decodeBusMessage(payload)
+		if err != nil {
+			return
+		}
+		again, err := encodeBusMessage(msg.From, inv)
+		if err != nil {
+			t.Fatalf("accepted %q but cannot encode %+v: %v", payload, inv, err)
+		}
+		_, inv2, err := decodeBusMessage(again)
+		if err != nil || inv2 != inv {
+			t.Fatalf("round trip of %q: %+v then %+v, %v", payload, inv, inv2, err)
+		}
+	})
+}
