@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"maps"
 	"net/http"
 	"slices"
@@ -80,31 +81,33 @@ func (p *Proxy) lookupFailed(w http.ResponseWriter, r *http.Request, err error) 
 // logout"). Everything else (403 for a forbidden masquerade, 429, 5xx) is
 // handed back as it came and never stored.
 func (p *Proxy) answerFor(reply *upstream.Reply) (tokencache.Answer, bool) {
+	// One copy at the body's exact size, which the cache keeps.
+	body := string(reply.Body)
 	switch reply.Status {
 	case http.StatusOK:
 		if user, device, ok := parseWhoami(reply.Body); ok {
 			return tokencache.Answer{Kind: tokencache.Positive, UserID: user, DeviceID: device,
-				Body: reply.Body, Meta: p.replays.intern(reply.Status, reply.Header)}, false
+				Body: body, Meta: p.replays.intern(reply.Status, reply.Header)}, false
 		}
 	case http.StatusUnauthorized:
 		if errcode, soft, ok := parseError(reply.Body); ok && errcode == "M_UNKNOWN_TOKEN" {
 			if soft {
-				return uncacheable(reply), true
+				return uncacheable(reply, body), true
 			}
-			return tokencache.Answer{Kind: tokencache.Negative, Body: reply.Body,
+			return tokencache.Answer{Kind: tokencache.Negative, Body: body,
 				Meta: p.replays.intern(reply.Status, reply.Header)}, true
 		}
 	}
-	return uncacheable(reply), false
+	return uncacheable(reply, body), false
 }
 
-func uncacheable(reply *upstream.Reply) tokencache.Answer {
+func uncacheable(reply *upstream.Reply, body string) tokencache.Answer {
 	h := reply.Header.Clone()
 	for _, k := range [...]string{"Content-Length", "Transfer-Encoding", "Connection", "Keep-Alive", "Date"} {
 		delete(h, k)
 	}
 	setCORS(h)
-	return tokencache.Answer{Kind: tokencache.Uncacheable, Body: reply.Body, Meta: &replay{status: reply.Status, header: h}}
+	return tokencache.Answer{Kind: tokencache.Uncacheable, Body: body, Meta: &replay{status: reply.Status, header: h}}
 }
 
 // parseWhoami reads user_id and device_id from a whoami body. Keys are
@@ -150,7 +153,7 @@ func writeAnswer(w http.ResponseWriter, a tokencache.Answer) {
 		h[k] = v
 	}
 	w.WriteHeader(rp.status)
-	_, _ = w.Write(a.Body)
+	_, _ = io.WriteString(w, a.Body)
 }
 
 // replayedHeaders are the headers of a cached answer worth replaying: what

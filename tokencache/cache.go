@@ -16,7 +16,10 @@ package tokencache
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"math"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -44,11 +47,16 @@ type Answer struct {
 	Kind     Kind
 	UserID   string // Positive only
 	DeviceID string // Positive only; empty for device-less appservice users
-	// Body is the homeserver's response body. The cache stores it as given:
-	// hand it a slice of exactly the right capacity.
-	Body []byte
+	// Body is the homeserver's response body. For a positive answer it
+	// must contain UserID and DeviceID verbatim (as a whoami body does):
+	// the stored answer keeps only the body and where in it they are, so a
+	// cached token costs little more than its body. Answers whose body does
+	// not, or is over 64 KiB, are not stored.
+	Body string
 	// Meta is opaque to the cache (the proxy keeps the status and the replayed
-	// response headers there, shared between answers).
+	// response headers there, shared between answers). It must be
+	// comparable, and a cache stores answers with at most 256 distinct ones:
+	// pass shared pointers.
 	Meta any
 }
 
@@ -112,10 +120,78 @@ type Config struct {
 // An error is never cached.
 type Fetch func(ctx context.Context) (Answer, error)
 
+// entry is a stored answer, packed into 32 bytes: at a million tokens every
+// byte counts, and the LRU's own node carries it by value. UserID and
+// DeviceID are spans of the body, which holds them anyway (a Matrix user ID
+// is at most 255 bytes; longer IDs are not stored); Meta is an index into
+// the cache's few distinct metas.
 type entry struct {
-	answer  Answer
-	expires int64 // unix nanoseconds
+	body               string
+	expires            int64 // unix nanoseconds
+	userOff, deviceOff uint16
+	userLen, deviceLen uint8
+	meta               uint8
 }
+
+// locate finds v in body; ok is false when it is not there or too long.
+func locate(body, v string) (off uint16, n uint8, ok bool) {
+	if v == "" {
+		return 0, 0, true
+	}
+	i := strings.Index(body, v)
+	if i < 0 || len(v) > math.MaxUint8 {
+		return 0, 0, false
+	}
+	return uint16(i), uint8(len(v)), true
+}
+
+func (e *entry) userID() string {
+	return e.body[e.userOff : int(e.userOff)+int(e.userLen)]
+}
+
+func (e *entry) deviceID() string {
+	return e.body[e.deviceOff : int(e.deviceOff)+int(e.deviceLen)]
+}
+
+// maxMetas bounds the distinct Answer.Meta values the cache holds (the
+// proxy interns its replayed headers, so it has a handful).
+const maxMetas = 256
+
+// pack makes an entry of a, expiring at expires (unix ns); ok is false when
+// a cannot be stored (see Answer.Body, Answer.Meta). Called with mu held.
+func (c *Cache) pack(a Answer, expires int64) (entry, bool) {
+	e := entry{body: a.Body, expires: expires}
+	if len(a.Body) > math.MaxUint16 {
+		return e, false
+	}
+	var okU, okD, okM bool
+	e.userOff, e.userLen, okU = locate(a.Body, a.UserID)
+	e.deviceOff, e.deviceLen, okD = locate(a.Body, a.DeviceID)
+	e.meta, okM = c.metaIndex(a.Meta)
+	return e, okU && okD && okM
+}
+
+func (c *Cache) unpack(e entry, k Kind) Answer {
+	return Answer{Kind: k, UserID: e.userID(), DeviceID: e.deviceID(), Body: e.body, Meta: c.metas[e.meta]}
+}
+
+// metaIndex returns the index of m in c.metas, adding it if there is room.
+// Called with mu held.
+func (c *Cache) metaIndex(m any) (uint8, bool) {
+	for i, x := range c.metas {
+		if x == m {
+			return uint8(i), true
+		}
+	}
+	if len(c.metas) == maxMetas {
+		return 0, false
+	}
+	c.metas = append(c.metas, m)
+	return uint8(len(c.metas) - 1), true
+}
+
+// alive reports whether e is still good at now (unix ns).
+func alive(e entry, now int64) bool { return now < e.expires }
 
 // Cache is safe for concurrent use.
 type Cache struct {
@@ -140,6 +216,8 @@ type Cache struct {
 	// deadlines remembers the end of life the homeserver announced for a
 	// token (expires_in_ms) before that token is ever looked up.
 	deadlines *simplelru.LRU[TokenID, int64]
+	// metas are the distinct Answer.Meta values, indexed by entry.meta.
+	metas []any
 	// dropping is the reason given to the LRU eviction callback: capacity
 	// unless an invalidation is under way.
 	dropping Reason
@@ -245,15 +323,15 @@ func (c *Cache) Get(key Key) (Answer, Result) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if e, ok := c.pos.Get(key); ok {
-		if now < e.expires {
-			return e.answer, Hit
+		if alive(e, now) {
+			return c.unpack(e, Positive), Hit
 		}
 		c.remove(c.pos, key, ReasonExpired)
 	}
 	if c.neg != nil {
 		if e, ok := c.neg.Get(key); ok {
-			if now < e.expires {
-				return e.answer, NegativeHit
+			if alive(e, now) {
+				return c.unpack(e, Negative), NegativeHit
 			}
 			c.remove(c.neg, key, ReasonExpired)
 		}
@@ -297,12 +375,10 @@ func (c *Cache) Resolve(ctx context.Context, key Key, fetch Fetch) (Answer, Resu
 }
 
 func flightName(key Key, seq uint64) string {
-	var b [len(key.Token) + len(key.Variant) + 8]byte
+	var b [len(key.Token) + 16]byte
 	n := copy(b[:], key.Token[:])
-	n += copy(b[n:], key.Variant[:])
-	for i := range 8 {
-		b[n+i] = byte(seq >> (8 * i))
-	}
+	binary.LittleEndian.PutUint64(b[n:], key.Variant)
+	binary.LittleEndian.PutUint64(b[n+8:], seq)
 	return string(b[:])
 }
 
@@ -319,10 +395,14 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 		return
 	}
 	if a.Kind == Negative {
+		e, ok := c.pack(Answer{Body: a.Body, Meta: a.Meta}, now.Add(c.negTTL).UnixNano())
+		if !ok {
+			return
+		}
 		if old, ok := c.neg.Peek(key); ok {
 			c.unindex(key, old)
 		}
-		c.neg.Add(key, entry{answer: a, expires: now.Add(c.negTTL).UnixNano()})
+		c.neg.Add(key, e)
 		c.indexVariant(key)
 		c.flushDrops()
 		return
@@ -335,7 +415,8 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 	if d, ok := c.deadlines.Peek(key.Token); ok && d < expires {
 		expires = d
 	}
-	if expires <= now.UnixNano() {
+	e, ok := c.pack(a, expires)
+	if !ok || !alive(e, now.UnixNano()) {
 		return
 	}
 	if old, ok := c.pos.Peek(key); ok {
@@ -343,9 +424,9 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 		// invalidation): Add replaces the value in place, so unindex the old.
 		c.unindex(key, old)
 	}
-	c.pos.Add(key, entry{answer: a, expires: expires})
-	if a.UserID != "" {
-		c.users[a.UserID] = append(c.users[a.UserID], key)
+	c.pos.Add(key, e)
+	if user := e.userID(); user != "" {
+		c.users[user] = append(c.users[user], key)
 	}
 	c.indexVariant(key)
 	c.flushDrops()
@@ -385,7 +466,7 @@ func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
 }
 
 func (c *Cache) indexVariant(key Key) {
-	if key.Variant != ([16]byte{}) {
+	if key.Variant != 0 {
 		c.variants[key.Token] = append(c.variants[key.Token], key)
 	}
 }
@@ -403,13 +484,13 @@ func (c *Cache) evicted(key Key, e entry) {
 
 // unindex removes key, holding e, from the indexes. Called with mu held.
 func (c *Cache) unindex(key Key, e entry) {
-	if e.answer.UserID != "" {
-		c.users[e.answer.UserID] = removeKey(c.users[e.answer.UserID], key)
-		if len(c.users[e.answer.UserID]) == 0 {
-			delete(c.users, e.answer.UserID)
+	if user := e.userID(); user != "" {
+		c.users[user] = removeKey(c.users[user], key)
+		if len(c.users[user]) == 0 {
+			delete(c.users, user)
 		}
 	}
-	if key.Variant != ([16]byte{}) {
+	if key.Variant != 0 {
 		c.variants[key.Token] = removeKey(c.variants[key.Token], key)
 		if len(c.variants[key.Token]) == 0 {
 			delete(c.variants, key.Token)
@@ -497,7 +578,7 @@ func (c *Cache) Apply(inv Invalidation) int {
 		keys = c.tokenKeys(inv.Token)
 	case ScopeDevice:
 		for _, k := range c.users[inv.UserID] {
-			if e, ok := c.pos.Peek(k); ok && e.answer.DeviceID == inv.DeviceID {
+			if e, ok := c.pos.Peek(k); ok && e.deviceID() == inv.DeviceID {
 				keys = append(keys, k)
 			}
 		}

@@ -87,10 +87,10 @@ func newFixture(t *testing.T, mod func(*Config)) *fixture {
 
 func positive(user, device string) Answer {
 	return Answer{Kind: Positive, UserID: user, DeviceID: device,
-		Body: []byte(fmt.Sprintf(`{"user_id":%q,"device_id":%q}`, user, device))}
+		Body: fmt.Sprintf(`{"user_id":%q,"device_id":%q}`, user, device)}
 }
 
-var negative = Answer{Kind: Negative, Body: []byte(`{"errcode":"M_UNKNOWN_TOKEN"}`)}
+var negative = Answer{Kind: Negative, Body: `{"errcode":"M_UNKNOWN_TOKEN"}`}
 
 // fill resolves key with a fetch that returns a, and fails the test if the
 // fetch was not called.
@@ -142,7 +142,7 @@ func TestHitMissNegative(t *testing.T) {
 	f.fill(t, bogus, negative)
 
 	a, res := f.c.Get(alice)
-	if res != Hit || a.UserID != "@alice:x" || a.DeviceID != "DEV1" || string(a.Body) != `{"user_id":"@alice:x","device_id":"DEV1"}` {
+	if res != Hit || a.UserID != "@alice:x" || a.DeviceID != "DEV1" || a.Body != `{"user_id":"@alice:x","device_id":"DEV1"}` {
 		t.Errorf("hit: got %+v, %v", a, res)
 	}
 	f.expect(t, bogus, NegativeHit)
@@ -163,9 +163,9 @@ func TestUncacheableAndErrorsAreNotStored(t *testing.T) {
 	f := newFixture(t, nil)
 	key := f.h.Key("tok", Masquerade{})
 	got, _, err := f.c.Resolve(t.Context(), key, func(context.Context) (Answer, error) {
-		return Answer{Kind: Uncacheable, Body: []byte("rate limited")}, nil
+		return Answer{Kind: Uncacheable, Body: "rate limited"}, nil
 	})
-	if err != nil || string(got.Body) != "rate limited" {
+	if err != nil || got.Body != "rate limited" {
 		t.Errorf("uncacheable answer not handed back: %+v, %v", got, err)
 	}
 	f.expect(t, key, Miss)

@@ -29,12 +29,15 @@ type Masquerade struct {
 // IsZero reports whether m carries no masquerade parameter.
 func (m Masquerade) IsZero() bool { return m == Masquerade{} }
 
-// Key is what an answer is stored under: the token's ID plus a hash of the
-// masquerade parameters (all zero for a plain request). Two requests share an
-// entry exactly when they carry the same token and the same masquerade.
+// Key is what an answer is stored under: the token's ID plus a 64-bit keyed
+// hash of the masquerade parameters (0 for a plain request). Two requests
+// share an entry exactly when they carry the same token and the same
+// masquerade. (64 bits suffice for the variant: it only tells apart the
+// masquerades of one token, and is keyed, so it cannot be searched for
+// collisions offline.)
 type Key struct {
 	Token   TokenID
-	Variant [16]byte
+	Variant uint64
 }
 
 // Hasher derives TokenIDs and Keys with a keyed hash. It is safe for
@@ -99,12 +102,12 @@ func (h *Hasher) Key(token string, m Masquerade) Key {
 	s.writeField(tagVariant, m.UserID)
 	s.writeField(tagVariant, m.DeviceID)
 	s.writeField(tagVariant, m.MSC3202DeviceID)
-	copy(k.Variant[:], s.mac.Sum(s.sum[:0]))
+	k.Variant = binary.BigEndian.Uint64(s.mac.Sum(s.sum[:0]))
 	h.pool.Put(s)
-	// A variant hash of all zeros would collide with "plain"; it has
-	// probability 2^-128, but make it impossible rather than improbable.
-	if k.Variant == ([16]byte{}) {
-		k.Variant[0] = 1
+	// A variant hash of zero would collide with "plain"; it has probability
+	// 2^-64, but make it impossible rather than improbable.
+	if k.Variant == 0 {
+		k.Variant = 1
 	}
 	return k
 }

@@ -147,9 +147,7 @@ func (c *Client) do(req *http.Request) (*Reply, error) {
 		return nil, ErrReplyTooLarge
 	}
 	// Keep the body at its exact size: a cached answer holds on to it.
-	exact := make([]byte, len(body))
-	copy(exact, body)
-	return &Reply{Status: resp.StatusCode, Header: resp.Header, Body: exact}, nil
+	return &Reply{Status: resp.StatusCode, Header: resp.Header, Body: body}, nil
 }
 
 // scrub drops the request URL from a *url.Error, since a URL may carry
