@@ -319,7 +319,7 @@ func TestBusSharesInvalidations(t *testing.T) {
 			tc.invalidate(a.c)
 			published++
 			gone := func(k Key) bool { _, r := b.c.Get(k); return r == Miss }
-			waitFor(t, 100*time.Millisecond, "invalidation applied on B", func() bool {
+			waitFor(t, time.Second, "invalidation applied on B", func() bool {
 				for _, k := range tc.gone {
 					if !gone(k) {
 						return false
@@ -498,7 +498,7 @@ func TestBusSurvivesRedisOutage(t *testing.T) {
 	b.expect(t, afterOutage, Hit)
 	// And the bus works again.
 	a.c.InvalidateDevice("@bob:example.org", "DEV1", "device")
-	waitFor(t, 100*time.Millisecond, "B applying A's invalidation after the outage", func() bool {
+	waitFor(t, time.Second, "B applying A's invalidation after the outage", func() bool {
 		_, r := b.c.Get(afterOutage)
 		return r == Miss
 	})
