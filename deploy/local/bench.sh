@@ -1,0 +1,468 @@
+#!/usr/bin/env bash
+# make bench: what the sidecar costs, measured side by side with what an
+# operator would otherwise run (issue 6). Run as root on an otherwise idle
+# machine with at least 2 cores; it installs wrk and nginx (Debian) when
+# missing. About 5 minutes; everything it starts listens on 127.0.0.1 only.
+#
+#   1. Go benchmarks (go test -bench) of the token cache and the proxy.
+#   2. Throughput: the proxy's cached whoami against a minimal net/http
+#      server returning the same bytes (deploy/bench/baseline), and a
+#      passthrough GET against nginx proxy_pass to the same upstream. The
+#      server under test runs alone on one core (taskset, GOMAXPROCS=1, nginx
+#      worker_processes 1); wrk and the upstream share the other. Contenders
+#      alternate in short rounds of A B B A (this machine's speed drifts from
+#      one second to the next); the figure is the median of the per-round
+#      ratios.
+#   3. Latency a cached whoami adds over the minimal server, requests
+#      alternating between the two at a moderate fixed rate (deploy/bench/latency).
+#   4. Heap per cached token at 1,000,000 tokens over 300,000 users, filled
+#      through the proxy's production path (proxy.TestHeapPerTokenProduction).
+#   5. Homeserver whoami calls per distinct token under a Zipf workload with
+#      64 concurrent clients and a homeserver taking 20 ms per whoami
+#      (deploy/bench/fakehs, deploy/bench/zipf).
+#
+# It prints "goal | measured | target | PASS/FAIL" and exits 1 when a goal
+# is missed, after profiling (pprof) what missed it. Knobs, all optional:
+#   BENCH_ROUNDS=10 BENCH_RUN_SECS=1 BENCH_CONNS=50   rounds (A B B A, one wrk
+#                                                     run of RUN_SECS each) and wrk load
+#   BENCH_GOALS="1 2 3 4 5"   which goals to measure
+#   BENCH_SUT_CPU=0 BENCH_LOAD_CPU=1                    the two cores
+#   BENCH_PROFILE=auto|1|0    profile misses (auto), everything (1), nothing (0)
+#   BENCH_GO=1|0              run the Go benchmarks
+#   BENCH_HEAP_TOKENS=1000000 BENCH_HEAP_USERS=300000
+#   BENCH_OUT=dir             where logs and profiles go (default /tmp/…)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+
+ROUNDS=${BENCH_ROUNDS:-10}
+SECS=${BENCH_RUN_SECS:-1}
+CONNS=${BENCH_CONNS:-50}
+SUT_CPU=${BENCH_SUT_CPU:-0}
+LOAD_CPU=${BENCH_LOAD_CPU:-1}
+PROFILE=${BENCH_PROFILE:-auto}
+GOBENCH=${BENCH_GO:-1}
+GOALS=" ${BENCH_GOALS:-1 2 3 4 5} "
+HEAP_TOKENS=${BENCH_HEAP_TOKENS:-1000000}
+HEAP_USERS=${BENCH_HEAP_USERS:-300000}
+GO=${GO:-go}
+out=${BENCH_OUT:-/tmp/matrix-auth-proxy-bench-$(date +%Y%m%d-%H%M%S)}
+
+say() { printf '\n== %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "bench.sh: run as root (it installs wrk and nginx when missing)" >&2
+  exit 2
+fi
+if [ "$(nproc)" -lt 2 ]; then
+  echo "bench.sh: needs 2 cores (server under test on one, load on the other)" >&2
+  exit 2
+fi
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  say "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # Debian starts nginx as a service on install; we run our own.
+  if command -v systemctl >/dev/null 2>&1; then systemctl stop nginx >/dev/null 2>&1 || true; fi
+fi
+
+mkdir -p "$out"
+pids=()
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# start CPU NAME CMD...: runs CMD pinned to CPU in the background, logging to
+# $out/NAME.log; the pid is appended to pids.
+start() {
+  local cpu=$1 name=$2
+  shift 2
+  taskset -c "$cpu" "$@" >"$out/$name.log" 2>&1 &
+  pids+=($!)
+}
+
+freeport() {
+  local p
+  for _ in $(seq 100); do
+    p=$((20000 + RANDOM % 20000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && ! grep -qw "$p" "$out/ports" 2>/dev/null; then
+      echo "$p" >>"$out/ports"
+      echo "$p"
+      return
+    fi
+  done
+  echo "bench.sh: no free port" >&2
+  exit 1
+}
+
+# wait_up URL [TOKEN]: polls URL until it answers 200, for up to 15 s.
+wait_up() {
+  for _ in $(seq 150); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer ${2:-tok-1}" "$1")" = 200 ]; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench.sh: $1 did not come up; logs in $out" >&2
+  exit 1
+}
+
+# Busy jiffies of a CPU so far (everything but idle and iowait), and total.
+cpu_jiffies() { awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat; }
+
+# CPU jiffies (user + system) used so far by processes PIDS and their
+# children (nginx's worker).
+proc_jiffies() {
+  local p q t=0 u s
+  for p in "$@" $(for q in "$@"; do pgrep -P "$q" || true; done); do
+    if read -r u s < <(awk '{ sub(/.*\) /, ""); print $12, $13 }' "/proc/$p/stat" 2>/dev/null); then t=$((t + u + s)); fi
+  done
+  echo "$t"
+}
+
+# wrk_rps URL PATH SECS PID...: one wrk run from LOAD_CPU against the server
+# PIDs; prints "requests/s core-busy% own%": how busy the server's core was,
+# and how much of it the server itself used (the rest went to other
+# processes of this machine). Fails on any non-2xx answer or socket error.
+wrk_rps() {
+  local url=$1 path=$2 secs=$3 b0 t0 b1 t1 o0 o1
+  shift 3
+  read -r b0 t0 < <(cpu_jiffies "$SUT_CPU")
+  o0=$(proc_jiffies "$@")
+  BENCH_PATH=$path BENCH_TOKEN=tok-1 taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${secs}s" \
+    -s "$repo/deploy/bench/wrk/request.lua" "$url" >"$out/wrk.last" 2>&1
+  o1=$(proc_jiffies "$@")
+  read -r b1 t1 < <(cpu_jiffies "$SUT_CPU")
+  cat "$out/wrk.last" >>"$out/wrk.log"
+  if grep -qE 'Non-2xx|Socket errors' "$out/wrk.last"; then
+    echo "bench.sh: wrk against $url$path saw errors:" >&2
+    cat "$out/wrk.last" >&2
+    exit 1
+  fi
+  awk -v b=$((b1 - b0)) -v o=$((o1 - o0)) -v t=$((t1 - t0)) '/^Requests\/sec/ {
+    printf "%s %.0f %.0f\n", $2, (t > 0 ? 100 * b / t : 0), (t > 0 ? 100 * o / t : 0) }' "$out/wrk.last"
+}
+
+# rounds NAME PATH URL_A PIDS_A URL_B PIDS_B: ROUNDS rounds of A, B, B, A
+# (SECS each), so that a drift of the machine's speed within a round cancels
+# out. Writes per round, each figure over the round's two runs of a
+# contender, to $out/NAME.rounds:
+#   1 req/s A  2 req/s B  3 ratio  4 own CPU% A  5 own CPU% B
+#   6 ratio of requests per CPU-second of the server itself  7 disturbed
+# where disturbed is 1 when other processes took over 10% of the server's
+# core in any run of the round.
+rounds() {
+  local name=$1 path=$2 a=$3 pa=$4 b=$5 pb=$6 r
+  # shellcheck disable=SC2086 # PIDS are lists
+  wrk_rps "$a" "$path" 1 $pa >/dev/null # warm up both
+  # shellcheck disable=SC2086
+  wrk_rps "$b" "$path" 1 $pb >/dev/null
+  : >"$out/$name.rounds"
+  for r in $(seq "$ROUNDS"); do
+    # shellcheck disable=SC2086
+    {
+      echo "A $(wrk_rps "$a" "$path" "$SECS" $pa)"
+      echo "B $(wrk_rps "$b" "$path" "$SECS" $pb)"
+      echo "B $(wrk_rps "$b" "$path" "$SECS" $pb)"
+      echo "A $(wrk_rps "$a" "$path" "$SECS" $pa)"
+    } >"$out/round.runs"
+    awk -v r="$r" -v n="$name" '
+      { rps[$1] += $2 / 2; own[$1] += $4 / 2; if ($3 - $4 > 10) dist = 1 }
+      END {
+        cost = (own["A"] > 0 && own["B"] > 0) ? (rps["A"] / own["A"]) / (rps["B"] / own["B"]) : 0
+        printf "%s round %2d: %8.0f vs %8.0f req/s  ratio %.3f | own CPU %3.0f%% / %3.0f%%, per CPU-second %.3f%s\n",
+          n, r, rps["A"], rps["B"], rps["A"] / rps["B"], own["A"], own["B"], cost, dist ? "  (disturbed by other processes)" : "" > "/dev/stderr"
+        printf "%s %s %.4f %.0f %.0f %.4f %d\n", rps["A"], rps["B"], rps["A"] / rps["B"], own["A"], own["B"], cost, dist
+      }' "$out/round.runs" >>"$out/$name.rounds"
+  done
+}
+
+# summarize NUMBER NAME WHAT TARGET OP: the goal row (median ratio of the
+# rounds against TARGET, compared with OP: ge) and an info row with the
+# ratio per CPU-second of the server itself.
+summarize() {
+  local n=$1 name=$2 what=$3 target=$4 m lo hi ra rb oa ob c clo chi dist
+  read -r m lo hi < <(stats "$out/$name.rounds" 3)
+  read -r ra _ _ < <(stats "$out/$name.rounds" 1)
+  read -r rb _ _ < <(stats "$out/$name.rounds" 2)
+  read -r oa _ _ < <(stats "$out/$name.rounds" 4)
+  read -r ob _ _ < <(stats "$out/$name.rounds" 5)
+  read -r c clo chi < <(stats "$out/$name.rounds" 6)
+  dist=$(awk '{ d += $7 } END { print d + 0 }' "$out/$name.rounds")
+  goal "$n. $what (median of $ROUNDS rounds; min–max)" \
+    "$(printf '%.3f (%.3f–%.3f; %.0f vs %.0f req/s)' "$m" "$lo" "$hi" "$ra" "$rb")" "≥ $target" "$(ge "$m" "$target")"
+  info "$n. same, requests per CPU-second of the server itself (own CPU $oa% vs $ob%; $dist of $ROUNDS rounds disturbed)" \
+    "$(printf '%.3f (%.3f–%.3f)' "$c" "$clo" "$chi")"
+  echo "$m"
+}
+
+# reference LABEL NAME: an info row with the median ratios of rounds NAME.
+reference() {
+  local m lo hi c clo chi
+  read -r m lo hi < <(stats "$out/$2.rounds" 3)
+  read -r c clo chi < <(stats "$out/$2.rounds" 6)
+  info "$1: throughput; per CPU-second" "$(printf '%.3f (%.3f–%.3f); %.3f (%.3f–%.3f)' "$m" "$lo" "$hi" "$c" "$clo" "$chi")"
+}
+
+# stats FILE COLUMN: "median min max" of a column.
+stats() {
+  awk -v c="$2" '{ print $c }' "$1" | sort -g | awk '{ v[NR] = $1 } END {
+    m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    print m, v[1], v[NR] }'
+}
+
+want_goal() { [[ $GOALS == *" $1 "* ]]; }
+# Goals not measured count as met, so they are not profiled.
+g1=1 g2=1 l50=0 heap=0
+results=()
+failed=()
+# goal NAME MEASURED TARGET PASS(0/1)
+goal() {
+  local verdict=PASS
+  if [ "$4" != 1 ]; then verdict=FAIL; failed+=("$1"); fi
+  results+=("$(printf '| %s | %s | %s | %s |' "$1" "$2" "$3" "$verdict")")
+}
+info() { results+=("$(printf '| %s | %s | %s | %s |' "$1" "$2" "–" "info")"); }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { print (a <= b) ? 1 : 0 }'; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { print (a >= b) ? 1 : 0 }'; }
+
+say "building (results and logs: $out)"
+CGO_ENABLED=0 $GO build -trimpath -o "$out/matrix-auth-proxy" ./cmd/matrix-auth-proxy
+(cd deploy && CGO_ENABLED=0 $GO build -trimpath -o "$out/" ./bench/baseline ./bench/fakehs ./bench/latency ./bench/plainproxy ./bench/zipf)
+$GO test -c -o "$out/proxy.test" ./proxy/
+
+echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')" | tee "$out/machine"
+echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), $(sed -n 's/^PRETTY_NAME="\(.*\)"$/\1/p' /etc/os-release), $($GO version | awk '{ print $3 }'), $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -1 | awk '{ print $1, $2 }')" | tee -a "$out/machine"
+echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')" | tee -a "$out/machine"
+
+# ---------------------------------------------------------------- Go benchmarks
+if [ "$GOBENCH" = 1 ]; then
+  say "Go benchmarks: go test -run XXX -bench . -benchmem ./tokencache/ ./proxy/"
+  $GO test -count=1 -run XXX -bench . -benchmem ./tokencache/ ./proxy/ | tee "$out/gobench.txt"
+  hit_allocs=$(awk '$1 ~ /^BenchmarkHit-/ { for (i = 1; i < NF; i++) if ($(i + 1) == "allocs/op") print $i }' "$out/gobench.txt")
+  whoami_allocs=$(awk '$1 ~ /^BenchmarkWhoamiHit\/unlimited/ { for (i = 1; i < NF; i++) if ($(i + 1) == "allocs/op") print $i }' "$out/gobench.txt")
+  fetches=$(awk '$1 ~ /^BenchmarkMissSingleflight/ { for (i = 1; i < NF; i++) if ($(i + 1) == "fetches/op") print $i }' "$out/gobench.txt")
+  goal "cache lookup allocs/op (tokencache BenchmarkHit)" "${hit_allocs:-?}" "0" "$([ "${hit_allocs:-1}" = 0 ] && echo 1 || echo 0)"
+  goal "cached whoami allocs/op (proxy BenchmarkWhoamiHit)" "${whoami_allocs:-?}" "0" "$([ "${whoami_allocs:-1}" = 0 ] && echo 1 || echo 0)"
+  info "homeserver fetches per 64 concurrent misses of one key (BenchmarkMissSingleflight)" "${fetches:-?}"
+fi
+
+# ---------------------------------------------------------------- servers
+say "starting servers (server under test on CPU $SUT_CPU, load and upstream on CPU $LOAD_CPU)"
+UP=$(freeport) NGX=$(freeport) PRX=$(freeport) ADM=$(freeport) BASE=$(freeport) PLAIN=$(freeport)
+mkdir -p "$out/nginx-up" "$out/nginx-front"
+body='{"global":{"content":[],"override":[{"actions":["dont_notify"],"conditions":[],"default":true,"enabled":false,"rule_id":".m.rule.master"},{"actions":["dont_notify"],"conditions":[{"key":"content.msgtype","kind":"event_match","pattern":"m.notice"}],"default":true,"enabled":true,"rule_id":".m.rule.suppress_notices"},{"actions":["notify",{"set_tweak":"sound","value":"default"},{"set_tweak":"highlight","value":false}],"conditions":[{"key":"type","kind":"event_match","pattern":"m.room.member"},{"key":"content.membership","kind":"event_match","pattern":"invite"}],"default":true,"enabled":true,"rule_id":".m.rule.invite_for_me"}],"room":[],"sender":[],"underride":[{"actions":["notify",{"set_tweak":"sound","value":"ring"},{"set_tweak":"highlight","value":false}],"conditions":[{"key":"type","kind":"event_match","pattern":"m.call.invite"}],"default":true,"enabled":true,"rule_id":".m.rule.call"}]}}'
+# Settings both nginx instances share: our own paths, no access log, and
+# connections kept open as long as Go keeps them (nginx's default closes a
+# keep-alive connection after 1,000 requests).
+nginx_common() {
+  cat <<EOF
+worker_processes 1;
+pid $out/$1/nginx.pid;
+error_log $out/$1/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+nginx_http_common() {
+  cat <<EOF
+  access_log off;
+  server_tokens off;
+  keepalive_requests 100000000;
+  keepalive_timeout 120s;
+  client_body_temp_path $out/$1/body;
+  proxy_temp_path $out/$1/proxy;
+  fastcgi_temp_path $out/$1/fastcgi;
+  uwsgi_temp_path $out/$1/uwsgi;
+  scgi_temp_path $out/$1/scgi;
+EOF
+}
+# The fast upstream: a homeserver stand-in answering from memory, with
+# Synapse's headers (nginx adds Server: nginx, which the proxy replays too).
+{
+  nginx_common nginx-up
+  echo "http {"
+  nginx_http_common nginx-up
+  cat <<EOF
+  default_type application/json;
+  server {
+    listen 127.0.0.1:$UP;
+    add_header Cache-Control "no-cache, no-store, must-revalidate" always;
+    add_header Access-Control-Allow-Origin "*" always;
+    add_header Access-Control-Allow-Methods "GET, HEAD, POST, PUT, DELETE, OPTIONS" always;
+    add_header Access-Control-Allow-Headers "X-Requested-With, Content-Type, Authorization, Date" always;
+    add_header Access-Control-Expose-Headers "Synapse-Trace-Id, Server" always;
+    add_header Synapse-Trace-Id \$request_id always;
+    location = /_matrix/client/versions { return 200 '{"versions":["v1.11"]}'; }
+    location ~ /account/whoami\$ { return 200 '{"user_id":"@alice:example.org","is_guest":false,"device_id":"ABCDEFGHIJ"}'; }
+    location / { return 200 '$body'; }
+  }
+}
+EOF
+} >"$out/nginx-up/nginx.conf"
+# nginx as the reverse proxy an operator would otherwise run, tuned fairly:
+# HTTP/1.1 and kept-alive connections to the upstream, and the same
+# X-Forwarded-* headers the sidecar sets.
+{
+  nginx_common nginx-front
+  echo "http {"
+  nginx_http_common nginx-front
+  cat <<EOF
+  upstream homeserver {
+    server 127.0.0.1:$UP;
+    keepalive 128;
+    keepalive_requests 100000000;
+    keepalive_timeout 120s;
+  }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://homeserver;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$host;
+    }
+  }
+}
+EOF
+} >"$out/nginx-front/nginx.conf"
+start "$LOAD_CPU" nginx-up nginx -e "$out/nginx-up/error.log" -c "$out/nginx-up/nginx.conf" -g 'daemon off;'
+start "$SUT_CPU" nginx-front nginx -e "$out/nginx-front/error.log" -c "$out/nginx-front/nginx.conf" -g 'daemon off;'
+NGX_PID=${pids[-1]}
+proxy_env=(UPSTREAM_URL="http://127.0.0.1:$UP" LISTEN_ADDR="127.0.0.1:$PRX" ADMIN_ADDR="127.0.0.1:$ADM"
+  CACHE_TTL=1h RATE_LIMIT_RPS=0 LOG_LEVEL=warn SHUTDOWN_DELAY=0s GOMAXPROCS=1)
+start "$SUT_CPU" proxy env "${proxy_env[@]}" "$out/matrix-auth-proxy"
+PRX_PID=${pids[-1]}
+whoami=/_matrix/client/v3/account/whoami
+pass=/_matrix/client/v3/pushrules/
+wait_up "http://127.0.0.1:$UP$whoami"
+wait_up "http://127.0.0.1:$PRX$whoami"
+wait_up "http://127.0.0.1:$NGX$pass"
+start "$SUT_CPU" baseline env GOMAXPROCS=1 "$out/baseline" -addr "127.0.0.1:$BASE" -copy-from "http://127.0.0.1:$PRX$whoami" -token tok-1
+BASE_PID=${pids[-1]}
+start "$SUT_CPU" plainproxy env GOMAXPROCS=1 "$out/plainproxy" -addr "127.0.0.1:$PLAIN" -upstream "http://127.0.0.1:$UP"
+PLAIN_PID=${pids[-1]}
+wait_up "http://127.0.0.1:$PLAIN$pass"
+wait_up "http://127.0.0.1:$BASE$whoami"
+
+# The baseline must answer exactly what the proxy's cached answer is.
+for s in PRX BASE; do
+  curl -s -D - -H 'Authorization: Bearer tok-1' "http://127.0.0.1:${!s}$whoami" | grep -v '^Date:' >"$out/answer-$s"
+done
+if ! diff "$out/answer-PRX" "$out/answer-BASE" >"$out/answer.diff"; then
+  echo "bench.sh: the baseline's answer differs from the proxy's:" >&2
+  cat "$out/answer.diff" >&2
+  exit 1
+fi
+echo "cached whoami and baseline answers are byte-identical but for Date ($(wc -c <"$out/answer-PRX") bytes):"
+sed 's/^/  /' "$out/answer-PRX"
+echo
+for s in PRX NGX; do curl -s -H 'Authorization: Bearer tok-1' "http://127.0.0.1:${!s}$pass" >"$out/pass-$s"; done
+cmp -s "$out/pass-PRX" "$out/pass-NGX" || { echo "bench.sh: passthrough bodies differ" >&2; exit 1; }
+
+# ---------------------------------------------------------------- goal 1
+if want_goal 1; then
+  say "goal 1: cached whoami, proxy vs minimal net/http server ($ROUNDS rounds of A B B A × ${SECS}s, wrk -t1 -c$CONNS)"
+  rounds whoami "$whoami" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$BASE" "$BASE_PID"
+  summarize 1 whoami "cached whoami throughput / minimal net/http" 0.90 >"$out/g1"
+  g1=$(cat "$out/g1")
+fi
+
+# ---------------------------------------------------------------- goal 2
+if want_goal 2; then
+  say "goal 2: passthrough GET $pass (~1 KiB), proxy vs nginx proxy_pass ($ROUNDS rounds of A B B A × ${SECS}s)"
+  rounds passthrough "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
+  summarize 2 passthrough "passthrough throughput / nginx proxy_pass" 0.65 >"$out/g2"
+  g2=$(cat "$out/g2")
+  say "goal 2, for reference: a plain httputil.ReverseProxy (deploy/bench/plainproxy) vs nginx, and the proxy vs it"
+  rounds passthrough-plain "$pass" "http://127.0.0.1:$PLAIN" "$PLAIN_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
+  reference "2. plain httputil.ReverseProxy / nginx proxy_pass (Go's floor)" passthrough-plain
+  rounds passthrough-own "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$PLAIN" "$PLAIN_PID"
+  reference "2. proxy / plain httputil.ReverseProxy (the sidecar's own work)" passthrough-own
+fi
+
+# ---------------------------------------------------------------- goal 3
+if want_goal 3; then
+  say "goal 3: latency added by a cached whoami over the minimal server (2,000 req/s, alternating, $ROUNDS rounds × 1s)"
+  taskset -c "$LOAD_CPU" env GOMAXPROCS=1 "$out/latency" -a "http://127.0.0.1:$PRX$whoami" -b "http://127.0.0.1:$BASE$whoami" \
+    -token tok-1 -rate 2000 -rounds "$ROUNDS" -round 1s | tee "$out/latency.txt"
+  read -r _ l50 l50min l50max < <(grep '^added_p50_us' "$out/latency.txt")
+  read -r _ l99 l99min l99max < <(grep '^added_p99_us' "$out/latency.txt")
+  goal "3. added p50 latency, cached whoami vs minimal server (median of rounds; min–max)" \
+    "$(printf '%.1f µs (%.1f–%.1f)' "$l50" "$l50min" "$l50max")" "≤ 50 µs" "$(le "$l50" 50)"
+  info "3. added p99 latency (dominated by the machine)" "$(printf '%.1f µs (%.1f–%.1f)' "$l99" "$l99min" "$l99max")"
+fi
+
+# ---------------------------------------------------------------- goal 5
+if want_goal 5; then
+  say "goal 5: Zipf whoami load, 64 clients, homeserver taking 20 ms per whoami"
+  HS=$(freeport) PRX2=$(freeport) ADM2=$(freeport)
+  start "$LOAD_CPU" fakehs env GOMAXPROCS=1 "$out/fakehs" -addr "127.0.0.1:$HS" -whoami-delay 20ms -users 6000
+  start "$SUT_CPU" proxy-zipf env UPSTREAM_URL="http://127.0.0.1:$HS" LISTEN_ADDR="127.0.0.1:$PRX2" ADMIN_ADDR="127.0.0.1:$ADM2" \
+    CACHE_SIZE=100000 CACHE_TTL=1h RATE_LIMIT_RPS=0 LOG_LEVEL=warn SHUTDOWN_DELAY=0s GOMAXPROCS=1 "$out/matrix-auth-proxy"
+  wait_up "http://127.0.0.1:$HS/_bench/whoami_calls"
+  wait_up "http://127.0.0.1:$ADM2/healthz"
+  taskset -c "$LOAD_CPU" "$out/zipf" -proxy "http://127.0.0.1:$PRX2" -metrics "http://127.0.0.1:$ADM2/metrics" \
+    -hs "http://127.0.0.1:$HS" -tokens 20000 -clients 64 -requests 40000 -s 1.1 | tee "$out/zipf.txt"
+  read -r _ zr < <(grep '^ratio' "$out/zipf.txt")
+  read -r _ zd < <(grep '^distinct' "$out/zipf.txt")
+  read -r _ zc < <(grep '^hs_whoami_calls' "$out/zipf.txt")
+  goal "5. homeserver whoami calls / distinct tokens (Zipf, 64 clients, 20 ms homeserver)" \
+    "$(printf '%.4f (%d calls for %d tokens)' "$zr" "$zc" "$zd")" "≤ 1.05" "$(le "$zr" 1.05)"
+fi
+
+# ---------------------------------------------------------------- goal 4
+if want_goal 4; then
+  say "goal 4: heap per cached token, $HEAP_TOKENS tokens over $HEAP_USERS users, production fill path"
+  HEAP_TOKENS=$HEAP_TOKENS HEAP_USERS=$HEAP_USERS "$out/proxy.test" -test.run '^TestHeapPerTokenProduction$' -test.v | tee "$out/heap.txt"
+  heap=$(awk '/heap per token:/ { for (i = 1; i < NF; i++) if ($i == "token:") print $(i + 1) }' "$out/heap.txt")
+  goal "4. heap per cached token at $HEAP_TOKENS tokens (proxy fill path, heap after − before)" "${heap:-?} bytes" "≤ 350 bytes" "$(le "${heap:-99999}" 350)"
+fi
+
+# ---------------------------------------------------------------- profiles
+# profile_serve NAME PATH: a CPU and allocation profile of the proxy (built
+# as the binary builds it, proxy.TestServeForProfile) under the same wrk load.
+profile_serve() {
+  local name=$1 path=$2 port
+  port=$(freeport)
+  start "$SUT_CPU" "profile-$name" env GOMAXPROCS=1 BENCH_SERVE_ADDR="127.0.0.1:$port" BENCH_SERVE_UPSTREAM="http://127.0.0.1:$UP" \
+    BENCH_SERVE_SECONDS=15 BENCH_SERVE_CPUPROFILE="$out/cpu-$name.pprof" BENCH_SERVE_MEMPROFILE="$out/allocs-$name.pprof" \
+    "$out/proxy.test" -test.run '^TestServeForProfile$'
+  local pid=${pids[-1]}
+  wait_up "http://127.0.0.1:$port$whoami"
+  wrk_rps "http://127.0.0.1:$port" "$path" 10 "$pid" >/dev/null
+  wait "$pid" || true
+  say "pprof: proxy CPU under the $name load (go tool pprof -top $out/proxy.test $out/cpu-$name.pprof)"
+  $GO tool pprof -top -nodecount=30 "$out/proxy.test" "$out/cpu-$name.pprof" 2>/dev/null | tee "$out/cpu-$name.top"
+  say "pprof: allocations under the $name load (-sample_index=alloc_space)"
+  $GO tool pprof -top -nodecount=20 -sample_index=alloc_space "$out/proxy.test" "$out/allocs-$name.pprof" 2>/dev/null | tee "$out/allocs-$name.top"
+}
+want_profile() { [ "$PROFILE" = 1 ] || { [ "$PROFILE" = auto ] && [ "$1" = 0 ]; }; }
+if want_profile "$(ge "$g1" 0.9)" || want_profile "$(le "$l50" 50)"; then profile_serve whoami "$whoami"; fi
+if want_profile "$(ge "$g2" 0.65)"; then profile_serve passthrough "$pass"; fi
+if want_profile "$(le "${heap:-99999}" 350)"; then
+  say "pprof: what a cached token holds (200,000 tokens, go tool pprof -sample_index=inuse_space)"
+  HEAP_TOKENS=200000 HEAP_USERS=60000 HEAP_PROFILE="$out/heap.pprof" "$out/proxy.test" -test.run '^TestHeapPerTokenProduction$' >/dev/null
+  $GO tool pprof -top -nodecount=20 -sample_index=inuse_space "$out/proxy.test" "$out/heap.pprof" 2>/dev/null | tee "$out/heap.top"
+fi
+
+# ---------------------------------------------------------------- summary
+say "results ($(date -u '+%Y-%m-%d %H:%M UTC'), make bench; logs and profiles in $out)"
+cat "$out/machine"
+echo
+echo "| goal | measured | target | result |"
+echo "|---|---|---|---|"
+printf '%s\n' "${results[@]}" | tee "$out/results.md"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo
+  echo "missed: ${#failed[@]} goal(s)"
+  exit 1
+fi
