@@ -213,6 +213,12 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	p.setForwarded(pr.Out.Header, pr.In)
 }
 
+// Shared, never modified: saves an allocation per request.
+var (
+	protoHTTP  = []string{"http"}
+	protoHTTPS = []string{"https"}
+)
+
 // setForwarded sets X-Forwarded-For/Proto/Host for a request to the
 // homeserver on behalf of in.
 func (p *Proxy) setForwarded(h http.Header, in *http.Request) {
@@ -220,9 +226,9 @@ func (p *Proxy) setForwarded(h http.Header, in *http.Request) {
 		h["X-Forwarded-For"] = []string{ip}
 	}
 	if in.TLS != nil {
-		h["X-Forwarded-Proto"] = []string{"https"}
+		h["X-Forwarded-Proto"] = protoHTTPS
 	} else {
-		h["X-Forwarded-Proto"] = []string{"http"}
+		h["X-Forwarded-Proto"] = protoHTTP
 	}
 	if in.Host != "" {
 		h["X-Forwarded-Host"] = []string{in.Host}
@@ -307,12 +313,24 @@ func (w *statusWriter) WriteString(s string) (int, error) {
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // bufferPool recycles the ReverseProxy's copy buffers (32 KiB each) instead
-// of allocating one per proxied body.
-type bufferPool struct{ pool sync.Pool }
+// of allocating one per proxied body. A bounded free list rather than a
+// sync.Pool: putting a slice into a sync.Pool allocates its header.
+type bufferPool struct{ free chan []byte }
 
-func newBufferPool() *bufferPool {
-	return &bufferPool{pool: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+func newBufferPool() *bufferPool { return &bufferPool{free: make(chan []byte, 256)} }
+
+func (b *bufferPool) Get() []byte {
+	select {
+	case buf := <-b.free:
+		return buf
+	default:
+		return make([]byte, 32<<10)
+	}
 }
 
-func (b *bufferPool) Get() []byte  { return *b.pool.Get().(*[]byte) }
-func (b *bufferPool) Put(p []byte) { b.pool.Put(&p) }
+func (b *bufferPool) Put(buf []byte) {
+	select {
+	case b.free <- buf:
+	default: // full: let the GC have it
+	}
+}

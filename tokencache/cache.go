@@ -354,6 +354,11 @@ func (c *Cache) Resolve(ctx context.Context, key Key, fetch Fetch) (Answer, Resu
 	// caller that arrives after an invalidation never joins a lookup that
 	// started before it (and may have been answered before it).
 	ch := c.flights.DoChan(flightName(key, seq), func() (any, error) {
+		// A flight that just ended may have filled the key between this
+		// caller's Get and DoChan: do not ask the homeserver twice.
+		if a, r := c.Get(key); r != Miss {
+			return a, nil
+		}
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.lookupTimeout)
 		defer cancel()
 		a, err := fetch(fctx)
