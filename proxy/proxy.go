@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -67,6 +68,9 @@ type Proxy struct {
 	writers sync.Pool // of *statusWriter
 	trusted []netip.Prefix
 	limiter *limiter // nil: no rate limiting
+	// warnedXFF is set once the misconfiguration warning of allow was
+	// logged.
+	warnedXFF atomic.Bool
 }
 
 // New returns a Proxy, or an error naming what is missing or wrong.
@@ -195,6 +199,13 @@ func (p *Proxy) allow(w http.ResponseWriter, r *http.Request, c *caller) bool {
 	if !ok {
 		p.m.rateLimited[kind].Inc()
 		writeRateLimited(w, wait)
+		if kind == limitedByIP && len(r.Header["X-Forwarded-For"]) > 0 && addr == parseAddr(r.RemoteAddr) &&
+			p.warnedXFF.CompareAndSwap(false, true) {
+			// Most likely an ingress whose clients now share one bucket.
+			p.log.Warn("rate-limited a peer that sends X-Forwarded-For but is not in TRUSTED_PROXIES: "+
+				"if it is your ingress or load balancer, add its range to TRUSTED_PROXIES, or all its clients share one bucket",
+				zap.String("peer", addr.String()))
+		}
 	}
 	return ok
 }

@@ -259,3 +259,28 @@ func TestHomeserver429PassesThrough(t *testing.T) {
 		t.Errorf("the homeserver's 429 counted as ours: %v", n)
 	}
 }
+
+// An ingress left out of TRUSTED_PROXIES makes all its clients share one
+// bucket; the first time that bites, the proxy says so, once.
+func TestUntrustedForwarderWarnsOnce(t *testing.T) {
+	h := newHarness(t, limited(RateLimitConfig{RPS: 0.001, Burst: 1}))
+	fwd := http.Header{"X-Forwarded-For": {"203.0.113.9"}}
+	for range 5 {
+		h.serveFrom("10.0.0.7:5000", "GET", "/_matrix/client/versions", fwd)
+	}
+	warnings := h.logs.FilterMessageSnippet("TRUSTED_PROXIES")
+	if warnings.Len() != 1 {
+		t.Fatalf("%d warnings, want 1: %v", warnings.Len(), h.logs.All())
+	}
+	if got := warnings.All()[0].ContextMap()["peer"]; got != "10.0.0.7" {
+		t.Errorf("warning names peer %v", got)
+	}
+	// A client limited without any X-Forwarded-For is no sign of it.
+	h2 := newHarness(t, limited(RateLimitConfig{RPS: 0.001, Burst: 1}))
+	for range 3 {
+		h2.serveFrom("10.0.0.8:5000", "GET", "/_matrix/client/versions", nil)
+	}
+	if n := h2.logs.FilterMessageSnippet("TRUSTED_PROXIES").Len(); n != 0 {
+		t.Errorf("%d warnings without X-Forwarded-For", n)
+	}
+}
