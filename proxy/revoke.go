@@ -101,18 +101,19 @@ func readBody(r *http.Request) ([]byte, bool) {
 	if r.Body == nil || r.Body == http.NoBody {
 		return nil, true
 	}
-	buf, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
-	complete := err == nil && len(buf) <= maxBody
-	r.Body = readCloser{io.MultiReader(bytes.NewReader(buf), r.Body), r.Body}
-	return buf, complete
+	return peek(&r.Body)
 }
 
 // peekResponse does the same for a response body.
-func peekResponse(resp *http.Response) ([]byte, bool) {
-	buf, err := io.ReadAll(io.LimitReader(resp.Body, maxBody+1))
-	complete := err == nil && len(buf) <= maxBody
-	resp.Body = readCloser{io.MultiReader(bytes.NewReader(buf), resp.Body), resp.Body}
-	return buf, complete
+func peekResponse(resp *http.Response) ([]byte, bool) { return peek(&resp.Body) }
+
+// peek reads up to maxBody bytes of *body, replaces *body with a reader that
+// yields them again followed by the rest, and says whether that was all.
+func peek(body *io.ReadCloser) ([]byte, bool) {
+	rc := *body
+	buf, err := io.ReadAll(io.LimitReader(rc, maxBody+1))
+	*body = readCloser{io.MultiReader(bytes.NewReader(buf), rc), rc}
+	return buf, err == nil && len(buf) <= maxBody
 }
 
 type readCloser struct {

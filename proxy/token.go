@@ -25,42 +25,14 @@ type credentials struct {
 
 // extractCredentials returns the request's access token and masquerade
 // parameters, and ok=false whenever the homeserver itself should judge the
-// request: no token, both a header and a query token, more than one of
-// either, a header that is not exactly "Bearer <token>", or an odd masquerade
-// parameter.
-//
-// It mirrors Synapse, which takes the header only when it starts with the
-// case-sensitive "Bearer " and rejects mixing both forms; being stricter than
-// the homeserver costs a cache miss, being looser would answer a request the
-// homeserver rejects.
+// request: no token (see requestToken) or an odd masquerade parameter.
 func extractCredentials(r *http.Request) (credentials, bool) {
 	var c credentials
-	hdr := r.Header["Authorization"]
-	if len(hdr) > 1 {
+	tok, q, ok := requestToken(r)
+	if !ok {
 		return c, false
 	}
-	var q url.Values
-	if r.URL.RawQuery != "" {
-		var err error
-		if q, err = url.ParseQuery(r.URL.RawQuery); err != nil {
-			return c, false
-		}
-	}
-	qtok, hasQ := q[paramAccessToken]
-	switch {
-	case len(hdr) == 1 && hasQ:
-		return c, false
-	case len(hdr) == 1:
-		tok, found := strings.CutPrefix(hdr[0], "Bearer ")
-		if !found || !validToken(tok) {
-			return c, false
-		}
-		c.token = tok
-	case len(qtok) == 1 && validToken(qtok[0]):
-		c.token = qtok[0]
-	default:
-		return c, false
-	}
+	c.token = tok
 	for _, p := range [...]struct {
 		name string
 		dst  *string
@@ -69,8 +41,8 @@ func extractCredentials(r *http.Request) (credentials, bool) {
 		{paramDeviceID, &c.masq.DeviceID},
 		{paramMSC3202DeviceID, &c.masq.MSC3202DeviceID},
 	} {
-		v, ok := q[p.name]
-		if !ok {
+		v, has := q[p.name]
+		if !has {
 			continue
 		}
 		if len(v) != 1 || v[0] == "" {
@@ -85,21 +57,43 @@ func extractCredentials(r *http.Request) (credentials, bool) {
 // ambiguous one. Unlike extractCredentials it ignores masquerade parameters:
 // it serves invalidation, which drops every variant of a token anyway.
 func tokenOnly(r *http.Request) string {
+	tok, _, _ := requestToken(r)
+	return tok
+}
+
+// requestToken returns the request's access token and its parsed query, and
+// ok=false (with no token) for no token, both a header and a query token,
+// more than one of either, a header that is not exactly "Bearer <token>", or
+// a query that does not parse.
+//
+// It mirrors Synapse, which takes the header only when it starts with the
+// case-sensitive "Bearer " and rejects mixing both forms; being stricter than
+// the homeserver costs a cache miss, being looser would answer a request the
+// homeserver rejects.
+func requestToken(r *http.Request) (string, url.Values, bool) {
 	hdr := r.Header["Authorization"]
-	if len(hdr) == 1 {
-		if tok, ok := strings.CutPrefix(hdr[0], "Bearer "); ok && validToken(tok) {
-			return tok
+	if len(hdr) > 1 {
+		return "", nil, false
+	}
+	var q url.Values
+	if r.URL.RawQuery != "" {
+		var err error
+		if q, err = url.ParseQuery(r.URL.RawQuery); err != nil {
+			return "", nil, false
 		}
-		return ""
 	}
-	if len(hdr) > 1 || !strings.Contains(r.URL.RawQuery, paramAccessToken) {
-		return ""
+	qtok, hasQ := q[paramAccessToken]
+	switch {
+	case len(hdr) == 1 && hasQ:
+		return "", nil, false
+	case len(hdr) == 1:
+		if tok, found := strings.CutPrefix(hdr[0], "Bearer "); found && validToken(tok) {
+			return tok, q, true
+		}
+	case len(qtok) == 1 && validToken(qtok[0]):
+		return qtok[0], q, true
 	}
-	q, err := url.ParseQuery(r.URL.RawQuery)
-	if err != nil || len(q[paramAccessToken]) != 1 || !validToken(q[paramAccessToken][0]) {
-		return ""
-	}
-	return q[paramAccessToken][0]
+	return "", nil, false
 }
 
 // validToken accepts what a homeserver can have issued: non-empty printable
