@@ -17,31 +17,7 @@ import (
 	"net/url"
 	"strings"
 	"syscall"
-	"time"
 )
-
-// NewTransport returns the Transport for talking to one homeserver.
-//
-// It keeps many idle connections (Go's default of 2 per host would make a
-// busy sidecar open and close connections constantly), bounds connecting by
-// dialTimeout, never consults HTTP_PROXY (the homeserver is next door), and
-// leaves compression to the client and homeserver. It sets no response
-// timeout: /sync long-polls legitimately take minutes.
-func NewTransport(dialTimeout time.Duration) *http.Transport {
-	d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
-	return &http.Transport{
-		DialContext:           d.DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          1024,
-		MaxIdleConnsPerHost:   512,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   dialTimeout,
-		ExpectContinueTimeout: time.Second,
-		DisableCompression:    true,
-		WriteBufferSize:       32 << 10,
-		ReadBufferSize:        32 << 10,
-	}
-}
 
 // Client makes the proxy's own calls to the homeserver.
 type Client struct {

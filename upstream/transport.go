@@ -1,0 +1,416 @@
+package upstream
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// Transport is the RoundTripper for the homeserver.
+//
+// A GET or HEAD without a body to an http:// homeserver (nearly all Matrix
+// client traffic, and every lookup the proxy makes itself) is sent directly:
+// written and answered on the caller's goroutine, over a pool of kept-alive
+// connections. http.Transport hands every request to two goroutines of its
+// own (a writer and a reader per connection) and back; on the sidecar's one
+// core those hand-offs cost about a third of a passthrough request (make
+// bench, issue 6). Everything else (request bodies, upgrades, https,
+// credentials in the URL) goes through an http.Transport unchanged.
+//
+// The direct path keeps HTTP/1.1 framing entirely to the standard library
+// (Request.Write, http.ReadResponse and the body readers it returns). A
+// connection goes back to the pool only once its response body has been read
+// to the end with nothing left over; one closed early, cancelled, or answered
+// with Connection: close is closed. 1xx answers other than 101 are read and
+// dropped, so a client never sees a 103 Early Hints from this path.
+type Transport struct {
+	fallback    *http.Transport
+	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
+	idleTimeout time.Duration
+	maxIdle     int // per host
+	now         func() time.Time
+
+	mu    sync.Mutex
+	idle  map[string][]*conn // by host:port; most recently used last
+	reap  *time.Timer        // armed while any connection is idle
+	count int                // idle connections, all hosts
+}
+
+// NewTransport returns the Transport for talking to one homeserver.
+//
+// It keeps many idle connections (Go's default of 2 per host would make a
+// busy sidecar open and close connections constantly), bounds connecting by
+// dialTimeout, never consults HTTP_PROXY (the homeserver is next door), and
+// leaves compression to the client and homeserver. It sets no response
+// timeout: /sync long-polls legitimately take minutes.
+func NewTransport(dialTimeout time.Duration) *Transport {
+	d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+	const idleTimeout = 90 * time.Second
+	return &Transport{
+		fallback: &http.Transport{
+			DialContext:           d.DialContext,
+			ForceAttemptHTTP2:     true,
+			MaxIdleConns:          1024,
+			MaxIdleConnsPerHost:   512,
+			IdleConnTimeout:       idleTimeout,
+			TLSHandshakeTimeout:   dialTimeout,
+			ExpectContinueTimeout: time.Second,
+			DisableCompression:    true,
+			WriteBufferSize:       32 << 10,
+			ReadBufferSize:        32 << 10,
+		},
+		dial:        d.DialContext,
+		idleTimeout: idleTimeout,
+		maxIdle:     512,
+		now:         time.Now,
+		idle:        make(map[string][]*conn),
+	}
+}
+
+// CloseIdleConnections closes every connection not carrying a request.
+func (t *Transport) CloseIdleConnections() {
+	t.mu.Lock()
+	var drop []*conn
+	for host, cs := range t.idle {
+		drop = append(drop, cs...)
+		delete(t.idle, host)
+	}
+	t.count = 0
+	if t.reap != nil {
+		t.reap.Stop()
+		t.reap = nil
+	}
+	t.mu.Unlock()
+	for _, c := range drop {
+		_ = c.nc.Close()
+	}
+	t.fallback.CloseIdleConnections()
+}
+
+// RoundTrip implements http.RoundTripper.
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if !direct(req) {
+		return t.fallback.RoundTrip(req)
+	}
+	if err := validHeader(req.Header); err != nil {
+		return nil, err
+	}
+	ctx := req.Context()
+	host := hostPort(req.URL.Host)
+	c, err := t.get(ctx, host)
+	if err != nil {
+		return nil, contextError(ctx, err)
+	}
+	resp, retry, err := t.exchange(ctx, c, req)
+	if err == nil || !retry {
+		return resp, contextError(ctx, err)
+	}
+	// A kept-alive connection the homeserver had closed (its idle timeout,
+	// a restart): the request never reached it, and GET and HEAD are safe to
+	// send again, once, on a new connection. Older idle connections are
+	// likely dead too.
+	t.dropIdleSince(host, c.idleSince)
+	if c, err = t.dialConn(ctx, host); err != nil {
+		return nil, contextError(ctx, err)
+	}
+	resp, _, err = t.exchange(ctx, c, req)
+	return resp, contextError(ctx, err)
+}
+
+// direct says whether req can take the direct path.
+func direct(req *http.Request) bool {
+	return (req.Method == http.MethodGet || req.Method == http.MethodHead) &&
+		(req.Body == nil || req.Body == http.NoBody) &&
+		req.URL.Scheme == "http" && req.URL.User == nil &&
+		len(req.Header["Upgrade"]) == 0 && len(req.TransferEncoding) == 0
+}
+
+// exchange sends req on c and reads the answer's head. retry says that the
+// request failed on a reused connection before any answer arrived.
+func (t *Transport) exchange(ctx context.Context, c *conn, req *http.Request) (*http.Response, bool, error) {
+	stop := func() bool { return true }
+	if ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, func() { _ = c.nc.SetDeadline(longAgo) })
+	}
+	fail := func(err error) error {
+		stop()
+		_ = c.nc.Close()
+		return err
+	}
+	err := req.Write(c.bw)
+	if err == nil {
+		err = c.bw.Flush()
+	}
+	if err == nil {
+		_, err = c.br.Peek(1)
+	}
+	if err != nil {
+		return nil, c.reused && ctx.Err() == nil, fail(err)
+	}
+	for range 10 {
+		resp, err := http.ReadResponse(c.br, req)
+		if err != nil {
+			return nil, false, fail(err)
+		}
+		switch {
+		case resp.StatusCode == http.StatusSwitchingProtocols:
+			return nil, false, fail(errors.New("upstream: 101 Switching Protocols to a request that asked for no upgrade"))
+		case resp.StatusCode < 200:
+			continue // 100 Continue, 102, 103 Early Hints: the answer follows
+		}
+		resp.Body = &body{
+			rc:       resp.Body,
+			c:        c,
+			t:        t,
+			stop:     stop,
+			reusable: !resp.Close && !req.Close,
+		}
+		return resp, false, nil
+	}
+	return nil, false, fail(errors.New("upstream: too many 1xx answers"))
+}
+
+var longAgo = time.Unix(1, 0)
+
+// contextError prefers the context's error to the one a cancelled
+// request's connection reported (a deadline set to cancel the read).
+func contextError(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}
+
+// conn is one kept-alive connection to the homeserver.
+type conn struct {
+	nc        net.Conn
+	br        *bufio.Reader
+	bw        *bufio.Writer
+	host      string
+	reused    bool
+	idleSince time.Time
+}
+
+// get returns the most recently used idle connection to host, or a new one.
+func (t *Transport) get(ctx context.Context, host string) (*conn, error) {
+	t.mu.Lock()
+	cs := t.idle[host]
+	if n := len(cs); n > 0 {
+		c := cs[n-1]
+		cs[n-1] = nil
+		t.idle[host] = cs[:n-1]
+		t.count--
+		t.mu.Unlock()
+		if t.now().Sub(c.idleSince) < t.idleTimeout {
+			c.reused = true
+			return c, nil
+		}
+		// The newest idle connection has expired, so have the others.
+		_ = c.nc.Close()
+		t.dropIdleSince(host, c.idleSince)
+		return t.dialConn(ctx, host)
+	}
+	t.mu.Unlock()
+	return t.dialConn(ctx, host)
+}
+
+func (t *Transport) dialConn(ctx context.Context, host string) (*conn, error) {
+	nc, err := t.dial(ctx, "tcp", host)
+	if err != nil {
+		return nil, err
+	}
+	// 32 KiB to read, as the http.Transport; requests without a body are
+	// a few hundred bytes.
+	return &conn{nc: nc, br: bufio.NewReaderSize(nc, 32<<10), bw: bufio.NewWriterSize(nc, 4<<10), host: host}, nil
+}
+
+// put returns c to the pool, or closes it when the pool is full.
+func (t *Transport) put(c *conn) {
+	c.idleSince = t.now()
+	t.mu.Lock()
+	if cs := t.idle[c.host]; len(cs) < t.maxIdle {
+		t.idle[c.host] = append(cs, c)
+		t.count++
+		if t.reap == nil {
+			t.reap = time.AfterFunc(t.idleTimeout, t.reapIdle)
+		}
+		t.mu.Unlock()
+		return
+	}
+	t.mu.Unlock()
+	_ = c.nc.Close()
+}
+
+// dropIdleSince closes the idle connections to host that have been idle
+// since before, or at, since.
+func (t *Transport) dropIdleSince(host string, since time.Time) {
+	t.mu.Lock()
+	cs := t.idle[host]
+	i := 0
+	for i < len(cs) && !cs[i].idleSince.After(since) {
+		i++
+	}
+	drop := append([]*conn(nil), cs[:i]...)
+	t.idle[host] = append(cs[:0], cs[i:]...)
+	clear(cs[len(cs)-i:])
+	t.count -= i
+	t.mu.Unlock()
+	for _, c := range drop {
+		_ = c.nc.Close()
+	}
+}
+
+// reapIdle closes connections idle longer than idleTimeout, so that a quiet
+// sidecar does not hold on to them.
+func (t *Transport) reapIdle() {
+	expired := t.now().Add(-t.idleTimeout)
+	t.mu.Lock()
+	hosts := make([]string, 0, len(t.idle))
+	for host := range t.idle {
+		hosts = append(hosts, host)
+	}
+	t.mu.Unlock()
+	for _, host := range hosts {
+		t.dropIdleSince(host, expired)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.reap == nil {
+		return // CloseIdleConnections ran meanwhile
+	}
+	if t.count == 0 {
+		t.reap = nil
+		return
+	}
+	t.reap.Reset(t.idleTimeout / 2)
+}
+
+// body is the body of an answer on the direct path. The connection goes
+// back to the pool when the body has been read to its end with nothing
+// after it; any other end closes the connection.
+type body struct {
+	rc       io.ReadCloser
+	c        *conn
+	t        *Transport
+	stop     func() bool // stops the cancellation of the connection
+	reusable bool
+
+	mu     sync.Mutex
+	done   bool // the connection has been returned or closed
+	eof    bool // because the body was read to its end
+	closed bool // Close was called
+}
+
+var errBodyClosed = errors.New("upstream: read on closed response body")
+
+func (b *body) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	done, eof, closed := b.done, b.eof, b.closed
+	b.mu.Unlock()
+	switch {
+	case closed:
+		return 0, errBodyClosed
+	case eof:
+		return 0, io.EOF
+	case done:
+		return 0, io.ErrUnexpectedEOF
+	}
+	n, err := b.rc.Read(p)
+	if err == io.EOF {
+		b.finish(true)
+	} else if err != nil {
+		b.finish(false)
+	}
+	return n, err
+}
+
+// Close implements io.Closer. Closing before the end closes the connection:
+// reading out what is left could take as long as the homeserver likes.
+func (b *body) Close() error {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+	b.finish(false)
+	return nil
+}
+
+func (b *body) finish(atEOF bool) {
+	b.mu.Lock()
+	if b.done {
+		b.mu.Unlock()
+		return
+	}
+	b.done, b.eof = true, atEOF
+	b.mu.Unlock()
+	_ = b.rc.Close()
+	// stop() is false when the request's context ended: the connection's
+	// deadline is being or has been set in the past.
+	if b.stop() && atEOF && b.reusable && b.c.br.Buffered() == 0 {
+		b.t.put(b.c)
+		return
+	}
+	_ = b.c.nc.Close()
+}
+
+// hostPort adds HTTP's default port to a host without one.
+func hostPort(host string) string {
+	if _, port, err := net.SplitHostPort(host); err == nil && port != "" {
+		return host
+	}
+	return net.JoinHostPort(trimBrackets(host), "80")
+}
+
+func trimBrackets(h string) string {
+	if len(h) > 1 && h[0] == '[' && h[len(h)-1] == ']' {
+		return h[1 : len(h)-1]
+	}
+	return h
+}
+
+// validHeader rejects what http.Transport rejects before sending: header
+// names that are not RFC 9110 tokens and values with control characters
+// other than tab, which could split the request.
+func validHeader(h http.Header) error {
+	for k, vs := range h {
+		if !validName(k) {
+			return errors.New("upstream: invalid header field name")
+		}
+		for _, v := range vs {
+			if !validValue(v) {
+				return errors.New("upstream: invalid header field value")
+			}
+		}
+	}
+	return nil
+}
+
+func validName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case c == '!' || c == '#' || c == '$' || c == '%' || c == '&' || c == '\'' || c == '*' ||
+			c == '+' || c == '-' || c == '.' || c == '^' || c == '_' || c == '`' || c == '|' || c == '~':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+func validValue(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < ' ' && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
