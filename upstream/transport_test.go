@@ -255,6 +255,9 @@ func TestTransportAnswersWithGarbageAfterThem(t *testing.T) {
 			case "/extra":
 				// Two more bytes than Content-Length says.
 				_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokXX")
+			case "/malformed":
+				_, _ = io.WriteString(c, "HTTP/1.1 two hundred\r\nContent-Length: 2\r\n\r\nok")
+				return
 			case "/switch":
 				_, _ = io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
 			default:
@@ -276,6 +279,12 @@ func TestTransportAnswersWithGarbageAfterThem(t *testing.T) {
 	}
 	if n := conns.Load() - before; n != 1 {
 		t.Errorf("%d new connections, want 1: a connection with bytes left over is not reused", n)
+	}
+	if _, _, err := get(t, tr, url+"/malformed", nil); err == nil {
+		t.Error("malformed status line: no error")
+	}
+	if _, body, err := get(t, tr, url+"/next", nil); err != nil || body != "next" {
+		t.Errorf("after a malformed answer: %q %v", body, err)
 	}
 	if _, _, err := get(t, tr, url+"/switch", nil); err == nil {
 		t.Error("101 to a request without Upgrade: no error")
@@ -481,5 +490,38 @@ func TestTransportNeverMixesUpAnswers(t *testing.T) {
 	}
 	if ok.Load() < 800 {
 		t.Errorf("only %d of 1,200 requests answered in full", ok.Load())
+	}
+}
+
+// BenchmarkRoundTrip compares the direct path with http.Transport for a
+// passthrough GET: go test -run XXX -bench RoundTrip -benchmem ./upstream
+func BenchmarkRoundTrip(b *testing.B) {
+	body := strings.Repeat("x", 1024)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, body)
+	}))
+	defer srv.Close()
+	tr := NewTransport(time.Second)
+	defer tr.CloseIdleConnections()
+	for _, c := range []struct {
+		name string
+		rt   http.RoundTripper
+	}{{"direct", tr}, {"http.Transport", tr.fallback}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			buf := make([]byte, 2048)
+			req, _ := http.NewRequestWithContext(b.Context(), http.MethodGet, srv.URL+"/_matrix/client/v3/pushrules/", nil)
+			for b.Loop() {
+				resp, err := c.rt.RoundTrip(req)
+				if err != nil {
+					b.Fatal(err)
+				}
+				n, _ := io.ReadFull(resp.Body, buf[:1024])
+				if _, err := resp.Body.Read(buf); err != io.EOF || n != 1024 {
+					b.Fatalf("body: %d bytes, then %v", n, err)
+				}
+				resp.Body.Close()
+			}
+		})
 	}
 }

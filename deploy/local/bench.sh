@@ -12,7 +12,10 @@
 #      worker_processes 1); wrk and the upstream share the other. Contenders
 #      alternate in short rounds of A B B A (this machine's speed drifts from
 #      one second to the next); the figure is the median of the per-round
-#      ratios.
+#      ratios. For reference, goal 2 also measures a plain ReverseProxy
+#      (deploy/bench/plainproxy), net/http answering the passthrough's bytes
+#      itself with no upstream (the ceiling of any net/http proxy), and Go
+#      forwarding without net/http (deploy/bench/rawforward), each vs nginx.
 #   3. Latency a cached whoami adds over the minimal server, requests
 #      alternating between the two at a moderate fixed rate (deploy/bench/latency).
 #   4. Heap per cached token at 1,000,000 tokens over 300,000 users, filled
@@ -235,7 +238,7 @@ ge() { awk -v a="$1" -v b="$2" 'BEGIN { print (a >= b) ? 1 : 0 }'; }
 
 say "building (results and logs: $out)"
 CGO_ENABLED=0 $GO build -trimpath -o "$out/matrix-auth-proxy" ./cmd/matrix-auth-proxy
-(cd deploy && CGO_ENABLED=0 $GO build -trimpath -o "$out/" ./bench/baseline ./bench/fakehs ./bench/latency ./bench/plainproxy ./bench/zipf)
+(cd deploy && CGO_ENABLED=0 $GO build -trimpath -o "$out/" ./bench/baseline ./bench/fakehs ./bench/latency ./bench/plainproxy ./bench/rawforward ./bench/zipf)
 $GO test -c -o "$out/proxy.test" ./proxy/
 
 echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')" | tee "$out/machine"
@@ -256,7 +259,7 @@ fi
 
 # ---------------------------------------------------------------- servers
 say "starting servers (server under test on CPU $SUT_CPU, load and upstream on CPU $LOAD_CPU)"
-UP=$(freeport) NGX=$(freeport) PRX=$(freeport) ADM=$(freeport) BASE=$(freeport) PLAIN=$(freeport)
+UP=$(freeport) NGX=$(freeport) PRX=$(freeport) ADM=$(freeport) BASE=$(freeport) PLAIN=$(freeport) STATIC=$(freeport) RAW=$(freeport)
 mkdir -p "$out/nginx-up" "$out/nginx-front"
 body='{"global":{"content":[],"override":[{"actions":["dont_notify"],"conditions":[],"default":true,"enabled":false,"rule_id":".m.rule.master"},{"actions":["dont_notify"],"conditions":[{"key":"content.msgtype","kind":"event_match","pattern":"m.notice"}],"default":true,"enabled":true,"rule_id":".m.rule.suppress_notices"},{"actions":["notify",{"set_tweak":"sound","value":"default"},{"set_tweak":"highlight","value":false}],"conditions":[{"key":"type","kind":"event_match","pattern":"m.room.member"},{"key":"content.membership","kind":"event_match","pattern":"invite"}],"default":true,"enabled":true,"rule_id":".m.rule.invite_for_me"}],"room":[],"sender":[],"underride":[{"actions":["notify",{"set_tweak":"sound","value":"ring"},{"set_tweak":"highlight","value":false}],"conditions":[{"key":"type","kind":"event_match","pattern":"m.call.invite"}],"default":true,"enabled":true,"rule_id":".m.rule.call"}]}}'
 # Settings both nginx instances share: our own paths, no access log, and
@@ -351,6 +354,15 @@ BASE_PID=${pids[-1]}
 start "$SUT_CPU" plainproxy env GOMAXPROCS=1 "$out/plainproxy" -addr "127.0.0.1:$PLAIN" -upstream "http://127.0.0.1:$UP"
 PLAIN_PID=${pids[-1]}
 wait_up "http://127.0.0.1:$PLAIN$pass"
+# Two measuring sticks for goal 2: net/http answering the passthrough's bytes
+# itself, with no upstream at all (no net/http proxy can beat it), and Go
+# forwarding without net/http (deploy/bench/rawforward).
+start "$SUT_CPU" static env GOMAXPROCS=1 "$out/baseline" -addr "127.0.0.1:$STATIC" -copy-from "http://127.0.0.1:$UP$pass" -token tok-1
+STATIC_PID=${pids[-1]}
+start "$SUT_CPU" rawforward env GOMAXPROCS=1 "$out/rawforward" -addr "127.0.0.1:$RAW" -upstream "127.0.0.1:$UP"
+RAW_PID=${pids[-1]}
+wait_up "http://127.0.0.1:$STATIC$pass"
+wait_up "http://127.0.0.1:$RAW$pass"
 wait_up "http://127.0.0.1:$BASE$whoami"
 
 # The baseline must answer exactly what the proxy's cached answer is.
@@ -365,8 +377,10 @@ fi
 echo "cached whoami and baseline answers are byte-identical but for Date ($(wc -c <"$out/answer-PRX") bytes):"
 sed 's/^/  /' "$out/answer-PRX"
 echo
-for s in PRX NGX; do curl -s -H 'Authorization: Bearer tok-1' "http://127.0.0.1:${!s}$pass" >"$out/pass-$s"; done
-cmp -s "$out/pass-PRX" "$out/pass-NGX" || { echo "bench.sh: passthrough bodies differ" >&2; exit 1; }
+for s in PRX NGX STATIC RAW; do curl -s -H 'Authorization: Bearer tok-1' "http://127.0.0.1:${!s}$pass" >"$out/pass-$s"; done
+for s in NGX STATIC RAW; do
+  cmp -s "$out/pass-PRX" "$out/pass-$s" || { echo "bench.sh: passthrough bodies of the proxy and $s differ" >&2; exit 1; }
+done
 
 # ---------------------------------------------------------------- goal 1
 if want_goal 1; then
@@ -387,6 +401,11 @@ if want_goal 2; then
   reference "2. plain httputil.ReverseProxy / nginx proxy_pass (Go's floor)" passthrough-plain
   rounds passthrough-own "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$PLAIN" "$PLAIN_PID"
   reference "2. proxy / plain httputil.ReverseProxy (the sidecar's own work)" passthrough-own
+  say "goal 2, measuring sticks: net/http answering the same bytes itself, and Go forwarding without net/http, each vs nginx"
+  rounds passthrough-static "$pass" "http://127.0.0.1:$STATIC" "$STATIC_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
+  reference "2. net/http answering the same bytes itself, no upstream / nginx proxy_pass (the most a net/http proxy could reach)" passthrough-static
+  rounds passthrough-raw "$pass" "http://127.0.0.1:$RAW" "$RAW_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
+  reference "2. Go forwarding without net/http (deploy/bench/rawforward) / nginx proxy_pass (what Go itself costs)" passthrough-raw
 fi
 
 # ---------------------------------------------------------------- goal 3
