@@ -52,9 +52,11 @@ type upConn struct {
 	br *bufio.Reader
 }
 
-func (p *pool) get() (*upConn, error) {
+// get returns an idle upstream connection, or a new one when fresh is set
+// or none is idle.
+func (p *pool) get(fresh bool) (*upConn, error) {
 	p.mu.Lock()
-	if n := len(p.idle); n > 0 {
+	if n := len(p.idle); n > 0 && !fresh {
 		u := p.idle[n-1]
 		p.idle = p.idle[:n-1]
 		p.mu.Unlock()
@@ -108,17 +110,23 @@ func (p *pool) serve(c net.Conn) {
 		if err != nil || n != 0 {
 			return // gone, or a request body: not for this tool
 		}
-		u, err := p.get()
-		if err != nil {
-			return
-		}
-		if _, err := u.c.Write(req); err != nil {
+		// An idle upstream connection may have been closed by the
+		// upstream; the request is sent again once on a new one.
+		var u *upConn
+		var resp []byte
+		for attempt := range 2 {
+			if u, err = p.get(attempt > 0); err != nil {
+				return
+			}
+			if _, err = u.c.Write(req); err == nil {
+				resp, n, err = readHead(u.br, respBuf)
+			}
+			if err == nil {
+				break
+			}
 			u.c.Close()
-			return
 		}
-		resp, n, err := readHead(u.br, respBuf)
 		if err != nil {
-			u.c.Close()
 			return
 		}
 		start := len(resp)
