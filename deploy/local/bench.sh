@@ -354,15 +354,6 @@ BASE_PID=${pids[-1]}
 start "$SUT_CPU" plainproxy env GOMAXPROCS=1 "$out/plainproxy" -addr "127.0.0.1:$PLAIN" -upstream "http://127.0.0.1:$UP"
 PLAIN_PID=${pids[-1]}
 wait_up "http://127.0.0.1:$PLAIN$pass"
-# Two measuring sticks for goal 2: net/http answering the passthrough's bytes
-# itself, with no upstream at all (no net/http proxy can beat it), and Go
-# forwarding without net/http (deploy/bench/rawforward).
-start "$SUT_CPU" static env GOMAXPROCS=1 "$out/baseline" -addr "127.0.0.1:$STATIC" -copy-from "http://127.0.0.1:$UP$pass" -token tok-1
-STATIC_PID=${pids[-1]}
-start "$SUT_CPU" rawforward env GOMAXPROCS=1 "$out/rawforward" -addr "127.0.0.1:$RAW" -upstream "127.0.0.1:$UP"
-RAW_PID=${pids[-1]}
-wait_up "http://127.0.0.1:$STATIC$pass"
-wait_up "http://127.0.0.1:$RAW$pass"
 wait_up "http://127.0.0.1:$BASE$whoami"
 
 # The baseline must answer exactly what the proxy's cached answer is.
@@ -377,10 +368,17 @@ fi
 echo "cached whoami and baseline answers are byte-identical but for Date ($(wc -c <"$out/answer-PRX") bytes):"
 sed 's/^/  /' "$out/answer-PRX"
 echo
-for s in PRX NGX STATIC RAW; do curl -s -H 'Authorization: Bearer tok-1' "http://127.0.0.1:${!s}$pass" >"$out/pass-$s"; done
-for s in NGX STATIC RAW; do
-  cmp -s "$out/pass-PRX" "$out/pass-$s" || { echo "bench.sh: passthrough bodies of the proxy and $s differ" >&2; exit 1; }
-done
+# passthrough_same NAME...: the servers NAME (port variables) answer the
+# passthrough GET with the same body as the proxy.
+passthrough_same() {
+  local s
+  curl -s -H 'Authorization: Bearer tok-1' "http://127.0.0.1:$PRX$pass" >"$out/pass-PRX"
+  for s in "$@"; do
+    curl -s -H 'Authorization: Bearer tok-1' "http://127.0.0.1:${!s}$pass" >"$out/pass-$s"
+    cmp -s "$out/pass-PRX" "$out/pass-$s" || { echo "bench.sh: passthrough bodies of the proxy and $s differ" >&2; exit 1; }
+  done
+}
+passthrough_same NGX
 
 # ---------------------------------------------------------------- goal 1
 if want_goal 1; then
@@ -402,6 +400,17 @@ if want_goal 2; then
   rounds passthrough-own "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$PLAIN" "$PLAIN_PID"
   reference "2. proxy / plain httputil.ReverseProxy (the sidecar's own work)" passthrough-own
   say "goal 2, measuring sticks: net/http answering the same bytes itself, and Go forwarding without net/http, each vs nginx"
+  # Two measuring sticks: net/http answering the passthrough's bytes itself,
+  # with no upstream at all (no net/http proxy can beat it), and Go
+  # forwarding without net/http (deploy/bench/rawforward). Started only now,
+  # so that they do not sit on the server's core during other measurements.
+  start "$SUT_CPU" static env GOMAXPROCS=1 "$out/baseline" -addr "127.0.0.1:$STATIC" -copy-from "http://127.0.0.1:$UP$pass" -token tok-1
+  STATIC_PID=${pids[-1]}
+  start "$SUT_CPU" rawforward env GOMAXPROCS=1 "$out/rawforward" -addr "127.0.0.1:$RAW" -upstream "127.0.0.1:$UP"
+  RAW_PID=${pids[-1]}
+  wait_up "http://127.0.0.1:$STATIC$pass"
+  wait_up "http://127.0.0.1:$RAW$pass"
+  passthrough_same STATIC RAW
   rounds passthrough-static "$pass" "http://127.0.0.1:$STATIC" "$STATIC_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
   reference "2. net/http answering the same bytes itself, no upstream / nginx proxy_pass (the most a net/http proxy could reach)" passthrough-static
   rounds passthrough-raw "$pass" "http://127.0.0.1:$RAW" "$RAW_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
