@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"sync"
@@ -32,8 +33,10 @@ type Transport struct {
 	fallback    *http.Transport
 	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
 	idleTimeout time.Duration
-	maxIdle     int // per host
+	maxIdle     int   // per host
+	maxHeader   int64 // bytes of answer heads, 1xx included, per request
 	now         func() time.Time
+	probe       func(net.Conn) idleState
 
 	mu    sync.Mutex
 	idle  map[string][]*conn // by host:port; most recently used last
@@ -67,7 +70,9 @@ func NewTransport(dialTimeout time.Duration) *Transport {
 		dial:        d.DialContext,
 		idleTimeout: idleTimeout,
 		maxIdle:     512,
+		maxHeader:   10 << 20, // as http.Transport
 		now:         time.Now,
+		probe:       probeIdle,
 		idle:        make(map[string][]*conn),
 	}
 }
@@ -126,7 +131,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 func direct(req *http.Request) bool {
 	return (req.Method == http.MethodGet || req.Method == http.MethodHead) &&
 		(req.Body == nil || req.Body == http.NoBody) &&
-		req.URL.Scheme == "http" && req.URL.User == nil &&
+		req.URL.Scheme == "http" && req.URL.Host != "" && req.URL.User == nil &&
 		len(req.Header["Upgrade"]) == 0 && len(req.TransferEncoding) == 0
 }
 
@@ -146,13 +151,14 @@ func (t *Transport) exchange(ctx context.Context, c *conn, req *http.Request) (*
 	if err == nil {
 		err = c.bw.Flush()
 	}
+	c.lr.n = t.maxHeader
 	if err == nil {
 		_, err = c.br.Peek(1)
 	}
 	if err != nil {
 		return nil, c.reused && ctx.Err() == nil, fail(err)
 	}
-	for range 10 {
+	for range 1 + max1xx {
 		resp, err := http.ReadResponse(c.br, req)
 		if err != nil {
 			return nil, false, fail(err)
@@ -163,6 +169,7 @@ func (t *Transport) exchange(ctx context.Context, c *conn, req *http.Request) (*
 		case resp.StatusCode < 200:
 			continue // 100 Continue, 102, 103 Early Hints: the answer follows
 		}
+		c.lr.n = math.MaxInt64 // the body is the caller's to bound
 		resp.Body = &body{
 			rc:       resp.Body,
 			c:        c,
@@ -175,7 +182,33 @@ func (t *Transport) exchange(ctx context.Context, c *conn, req *http.Request) (*
 	return nil, false, fail(errors.New("upstream: too many 1xx answers"))
 }
 
-var longAgo = time.Unix(1, 0)
+// max1xx is how many 1xx answers may come before the answer, as in
+// http.Transport.
+const max1xx = 5
+
+var (
+	longAgo           = time.Unix(1, 0)
+	errHeaderTooLarge = errors.New("upstream: answer head over the size limit")
+)
+
+// limitReader bounds what http.ReadResponse may read for an answer's head,
+// which it does not bound itself.
+type limitReader struct {
+	r io.Reader
+	n int64
+}
+
+func (l *limitReader) Read(p []byte) (int, error) {
+	if l.n <= 0 {
+		return 0, errHeaderTooLarge
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.r.Read(p)
+	l.n -= int64(n)
+	return n, err
+}
 
 // contextError prefers the context's error to the one a cancelled
 // request's connection reported (a deadline set to cancel the read).
@@ -189,6 +222,7 @@ func contextError(ctx context.Context, err error) error {
 // conn is one kept-alive connection to the homeserver.
 type conn struct {
 	nc        net.Conn
+	lr        *limitReader // under br
 	br        *bufio.Reader
 	bw        *bufio.Writer
 	host      string
@@ -196,28 +230,52 @@ type conn struct {
 	idleSince time.Time
 }
 
-// get returns the most recently used idle connection to host, or a new one.
+// get returns the most recently used idle connection to host that is still
+// open and quiet, or a new one.
 func (t *Transport) get(ctx context.Context, host string) (*conn, error) {
-	t.mu.Lock()
-	cs := t.idle[host]
-	if n := len(cs); n > 0 {
+	for {
+		t.mu.Lock()
+		cs := t.idle[host]
+		n := len(cs)
+		if n == 0 {
+			t.mu.Unlock()
+			return t.dialConn(ctx, host)
+		}
 		c := cs[n-1]
 		cs[n-1] = nil
 		t.idle[host] = cs[:n-1]
 		t.count--
 		t.mu.Unlock()
-		if t.now().Sub(c.idleSince) < t.idleTimeout {
+		expired := t.now().Sub(c.idleSince) >= t.idleTimeout
+		state := idleClosed
+		if !expired {
+			state = t.probe(c.nc)
+		}
+		if state == idleQuiet {
 			c.reused = true
 			return c, nil
 		}
-		// The newest idle connection has expired, so have the others.
 		_ = c.nc.Close()
-		t.dropIdleSince(host, c.idleSince)
-		return t.dialConn(ctx, host)
+		if state == idleClosed {
+			// Expired or closed by the homeserver (its idle timeout, a
+			// restart): the others have been idle longer, so most likely
+			// they are too.
+			t.dropIdleSince(host, c.idleSince)
+		}
+		// idleData: the homeserver sent bytes nobody asked for. Read as
+		// the next answer, they would reach the wrong client; the
+		// connection is closed and the next one tried.
 	}
-	t.mu.Unlock()
-	return t.dialConn(ctx, host)
 }
+
+// What probeIdle finds on an idle connection.
+type idleState int
+
+const (
+	idleQuiet  idleState = iota // open, nothing to read
+	idleData                    // bytes arrived while it was idle
+	idleClosed                  // closed by the other side, or broken
+)
 
 func (t *Transport) dialConn(ctx context.Context, host string) (*conn, error) {
 	nc, err := t.dial(ctx, "tcp", host)
@@ -226,13 +284,14 @@ func (t *Transport) dialConn(ctx context.Context, host string) (*conn, error) {
 	}
 	// 32 KiB to read, as the http.Transport; requests without a body are
 	// a few hundred bytes.
-	return &conn{nc: nc, br: bufio.NewReaderSize(nc, 32<<10), bw: bufio.NewWriterSize(nc, 4<<10), host: host}, nil
+	lr := &limitReader{r: nc, n: math.MaxInt64}
+	return &conn{nc: nc, lr: lr, br: bufio.NewReaderSize(lr, 32<<10), bw: bufio.NewWriterSize(nc, 4<<10), host: host}, nil
 }
 
 // put returns c to the pool, or closes it when the pool is full.
 func (t *Transport) put(c *conn) {
-	c.idleSince = t.now()
 	t.mu.Lock()
+	c.idleSince = t.now() // under the lock: idle lists stay in age order
 	if cs := t.idle[c.host]; len(cs) < t.maxIdle {
 		t.idle[c.host] = append(cs, c)
 		t.count++
@@ -301,16 +360,17 @@ type body struct {
 	reusable bool
 
 	mu     sync.Mutex
-	done   bool // the connection has been returned or closed
-	eof    bool // because the body was read to its end
-	closed bool // Close was called
+	done   bool  // the connection has been returned or closed
+	eof    bool  // because the body was read to its end
+	closed bool  // Close was called
+	err    error // why the body ended early
 }
 
 var errBodyClosed = errors.New("upstream: read on closed response body")
 
 func (b *body) Read(p []byte) (int, error) {
 	b.mu.Lock()
-	done, eof, closed := b.done, b.eof, b.closed
+	done, eof, closed, berr := b.done, b.eof, b.closed, b.err
 	b.mu.Unlock()
 	switch {
 	case closed:
@@ -318,43 +378,48 @@ func (b *body) Read(p []byte) (int, error) {
 	case eof:
 		return 0, io.EOF
 	case done:
-		return 0, io.ErrUnexpectedEOF
+		return 0, berr
 	}
 	n, err := b.rc.Read(p)
 	if err == io.EOF {
-		b.finish(true)
+		b.finish(true, nil)
 	} else if err != nil {
-		b.finish(false)
+		b.finish(false, err)
 	}
 	return n, err
 }
 
 // Close implements io.Closer. Closing before the end closes the connection:
-// reading out what is left could take as long as the homeserver likes.
+// reading out what is left could take as long as the homeserver likes. An
+// answer without a body (HEAD, 204, 304) is at its end already.
 func (b *body) Close() error {
 	b.mu.Lock()
 	b.closed = true
 	b.mu.Unlock()
-	b.finish(false)
+	b.finish(b.rc == http.NoBody, errBodyClosed)
 	return nil
 }
 
-func (b *body) finish(atEOF bool) {
+func (b *body) finish(atEOF bool, err error) {
 	b.mu.Lock()
 	if b.done {
 		b.mu.Unlock()
 		return
 	}
-	b.done, b.eof = true, atEOF
+	b.done, b.eof, b.err = true, atEOF, err
 	b.mu.Unlock()
-	_ = b.rc.Close()
 	// stop() is false when the request's context ended: the connection's
 	// deadline is being or has been set in the past.
-	if b.stop() && atEOF && b.reusable && b.c.br.Buffered() == 0 {
+	stopped := b.stop()
+	if stopped && atEOF && b.reusable && b.c.br.Buffered() == 0 {
+		_ = b.rc.Close() // at its end: nothing to read
 		b.t.put(b.c)
 		return
 	}
+	// The connection first: the body reader's Close reads out the rest, and
+	// a Read blocked on the connection holds the body reader's lock.
 	_ = b.c.nc.Close()
+	_ = b.rc.Close()
 }
 
 // hostPort adds HTTP's default port to a host without one.
