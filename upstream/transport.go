@@ -27,8 +27,12 @@ import (
 // (Request.Write, http.ReadResponse and the body readers it returns). A
 // connection goes back to the pool only once its response body has been read
 // to the end with nothing left over; one closed early, cancelled, or answered
-// with Connection: close is closed. 1xx answers other than 101 are read and
-// dropped, so a client never sees a 103 Early Hints from this path.
+// with Connection: close is closed. Before an idle connection is reused it is
+// probed without blocking, and dropped if the homeserver closed it or sent
+// anything while it was idle: such bytes must never be read as another
+// client's answer. Answer heads are bounded as in http.Transport. 1xx
+// answers other than 101 are read and dropped, so a client never sees a 103
+// Early Hints from this path.
 type Transport struct {
 	fallback    *http.Transport
 	dial        func(ctx context.Context, network, addr string) (net.Conn, error)
