@@ -5,37 +5,54 @@ import (
 	"syscall"
 )
 
-// probeIdle looks, without blocking and without consuming anything, at
-// whether an idle connection has been closed or has bytes waiting: what
+// prober looks, without blocking and without consuming anything, at whether
+// an idle connection has been closed or has bytes waiting: what
 // http.Transport learns from the reader goroutine it keeps on every idle
-// connection. One recv(MSG_PEEK|MSG_DONTWAIT) system call.
-func probeIdle(nc net.Conn) idleState {
+// connection. One recv(MSG_PEEK|MSG_DONTWAIT) system call; made once per
+// connection, so that a probe allocates nothing.
+type prober struct {
+	raw   syscall.RawConn
+	peek  func(fd uintptr) bool
+	state idleState
+	buf   [1]byte
+}
+
+// newProber returns nil for a connection without a file descriptor.
+func newProber(nc net.Conn) *prober {
 	sc, ok := nc.(syscall.Conn)
 	if !ok {
-		return idleQuiet
+		return nil
 	}
 	raw, err := sc.SyscallConn()
 	if err != nil {
-		return idleClosed
+		return nil
 	}
-	state := idleClosed
-	var b [1]byte
-	err = raw.Read(func(fd uintptr) bool {
+	p := &prober{raw: raw}
+	p.peek = func(fd uintptr) bool {
 		for {
-			n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+			n, _, err := syscall.Recvfrom(int(fd), p.buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 			switch {
 			case err == syscall.EINTR:
 				continue
 			case err == syscall.EAGAIN:
-				state = idleQuiet
+				p.state = idleQuiet
 			case err == nil && n > 0:
-				state = idleData
+				p.state = idleData
+			default: // EOF, or a broken connection
+				p.state = idleClosed
 			}
 			return true // never wait for readability
 		}
-	})
-	if err != nil {
+	}
+	return p
+}
+
+func (p *prober) idle() idleState {
+	if p == nil {
+		return idleQuiet
+	}
+	if err := p.raw.Read(p.peek); err != nil {
 		return idleClosed
 	}
-	return state
+	return p.state
 }

@@ -4,7 +4,11 @@ package upstream
 
 import "net"
 
-// probeIdle cannot look at an idle connection without blocking on this
+// prober cannot look at an idle connection without blocking on this
 // platform; a connection the homeserver closed is found by the retry in
 // RoundTrip instead. The sidecar's image runs on Linux.
-func probeIdle(net.Conn) idleState { return idleQuiet }
+type prober struct{}
+
+func newProber(net.Conn) *prober { return nil }
+
+func (*prober) idle() idleState { return idleQuiet }

@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // Transport is the RoundTripper for the homeserver.
@@ -40,12 +42,11 @@ type Transport struct {
 	maxIdle     int   // per host
 	maxHeader   int64 // bytes of answer heads, 1xx included, per request
 	now         func() time.Time
-	probe       func(net.Conn) idleState
+	probe       func(*conn) idleState
 
-	mu    sync.Mutex
-	idle  map[string][]*conn // by host:port; most recently used last
-	reap  *time.Timer        // armed while any connection is idle
-	count int                // idle connections, all hosts
+	mu   sync.Mutex
+	idle map[string][]*conn // by host:port; most recently used last
+	reap *time.Timer        // armed while any connection is idle
 }
 
 // NewTransport returns the Transport for talking to one homeserver.
@@ -89,7 +90,6 @@ func (t *Transport) CloseIdleConnections() {
 		drop = append(drop, cs...)
 		delete(t.idle, host)
 	}
-	t.count = 0
 	if t.reap != nil {
 		t.reap.Stop()
 		t.reap = nil
@@ -227,6 +227,7 @@ func contextError(ctx context.Context, err error) error {
 type conn struct {
 	nc        net.Conn
 	lr        *limitReader // under br
+	prober    *prober
 	br        *bufio.Reader
 	bw        *bufio.Writer
 	host      string
@@ -248,12 +249,11 @@ func (t *Transport) get(ctx context.Context, host string) (*conn, error) {
 		c := cs[n-1]
 		cs[n-1] = nil
 		t.idle[host] = cs[:n-1]
-		t.count--
 		t.mu.Unlock()
 		expired := t.now().Sub(c.idleSince) >= t.idleTimeout
 		state := idleClosed
 		if !expired {
-			state = t.probe(c.nc)
+			state = t.probe(c)
 		}
 		if state == idleQuiet {
 			c.reused = true
@@ -272,6 +272,9 @@ func (t *Transport) get(ctx context.Context, host string) (*conn, error) {
 	}
 }
 
+// probeIdle looks at an idle connection before it is reused.
+func probeIdle(c *conn) idleState { return c.prober.idle() }
+
 // What probeIdle finds on an idle connection.
 type idleState int
 
@@ -289,7 +292,8 @@ func (t *Transport) dialConn(ctx context.Context, host string) (*conn, error) {
 	// 32 KiB to read, as the http.Transport; requests without a body are
 	// a few hundred bytes.
 	lr := &limitReader{r: nc, n: math.MaxInt64}
-	return &conn{nc: nc, lr: lr, br: bufio.NewReaderSize(lr, 32<<10), bw: bufio.NewWriterSize(nc, 4<<10), host: host}, nil
+	return &conn{nc: nc, lr: lr, prober: newProber(nc), br: bufio.NewReaderSize(lr, 32<<10),
+		bw: bufio.NewWriterSize(nc, 4<<10), host: host}, nil
 }
 
 // put returns c to the pool, or closes it when the pool is full.
@@ -298,7 +302,6 @@ func (t *Transport) put(c *conn) {
 	c.idleSince = t.now() // under the lock: idle lists stay in age order
 	if cs := t.idle[c.host]; len(cs) < t.maxIdle {
 		t.idle[c.host] = append(cs, c)
-		t.count++
 		if t.reap == nil {
 			t.reap = time.AfterFunc(t.idleTimeout, t.reapIdle)
 		}
@@ -321,7 +324,6 @@ func (t *Transport) dropIdleSince(host string, since time.Time) {
 	drop := append([]*conn(nil), cs[:i]...)
 	t.idle[host] = append(cs[:0], cs[i:]...)
 	clear(cs[len(cs)-i:])
-	t.count -= i
 	t.mu.Unlock()
 	for _, c := range drop {
 		_ = c.nc.Close()
@@ -346,11 +348,20 @@ func (t *Transport) reapIdle() {
 	if t.reap == nil {
 		return // CloseIdleConnections ran meanwhile
 	}
-	if t.count == 0 {
+	if t.idleLocked() == 0 {
 		t.reap = nil
 		return
 	}
 	t.reap.Reset(t.idleTimeout / 2)
+}
+
+// idleLocked counts the idle connections to all hosts; t.mu is held.
+func (t *Transport) idleLocked() int {
+	n := 0
+	for _, cs := range t.idle {
+		n += len(cs)
+	}
+	return n
 }
 
 // body is the body of an answer on the direct path. The connection goes
@@ -363,32 +374,23 @@ type body struct {
 	stop     func() bool // stops the cancellation of the connection
 	reusable bool
 
-	mu     sync.Mutex
-	done   bool  // the connection has been returned or closed
-	eof    bool  // because the body was read to its end
-	closed bool  // Close was called
-	err    error // why the body ended early
+	mu   sync.Mutex
+	done bool  // the connection has been returned or closed
+	err  error // what Read returns once done: io.EOF, what ended the body, or errBodyClosed
 }
 
 var errBodyClosed = errors.New("upstream: read on closed response body")
 
 func (b *body) Read(p []byte) (int, error) {
 	b.mu.Lock()
-	done, eof, closed, berr := b.done, b.eof, b.closed, b.err
+	done, err := b.done, b.err
 	b.mu.Unlock()
-	switch {
-	case closed:
-		return 0, errBodyClosed
-	case eof:
-		return 0, io.EOF
-	case done:
-		return 0, berr
+	if done {
+		return 0, err
 	}
 	n, err := b.rc.Read(p)
-	if err == io.EOF {
-		b.finish(true, nil)
-	} else if err != nil {
-		b.finish(false, err)
+	if err != nil {
+		b.finish(err == io.EOF, err)
 	}
 	return n, err
 }
@@ -397,20 +399,22 @@ func (b *body) Read(p []byte) (int, error) {
 // reading out what is left could take as long as the homeserver likes. An
 // answer without a body (HEAD, 204, 304) is at its end already.
 func (b *body) Close() error {
-	b.mu.Lock()
-	b.closed = true
-	b.mu.Unlock()
 	b.finish(b.rc == http.NoBody, errBodyClosed)
+	b.mu.Lock()
+	b.err = errBodyClosed
+	b.mu.Unlock()
 	return nil
 }
 
+// finish returns the connection to the pool or closes it, once; err is what
+// Read returns from then on.
 func (b *body) finish(atEOF bool, err error) {
 	b.mu.Lock()
 	if b.done {
 		b.mu.Unlock()
 		return
 	}
-	b.done, b.eof, b.err = true, atEOF, err
+	b.done, b.err = true, err
 	b.mu.Unlock()
 	// stop() is false when the request's context ended: the connection's
 	// deadline is being or has been set in the past.
@@ -441,45 +445,19 @@ func trimBrackets(h string) string {
 	return h
 }
 
-// validHeader rejects what http.Transport rejects before sending: header
-// names that are not RFC 9110 tokens and values with control characters
-// other than tab, which could split the request.
+// validHeader rejects what http.Transport rejects before sending, by the
+// same rules: header names that are not tokens and values with control
+// characters other than tab, which could split the request.
 func validHeader(h http.Header) error {
 	for k, vs := range h {
-		if !validName(k) {
+		if !httpguts.ValidHeaderFieldName(k) {
 			return errors.New("upstream: invalid header field name")
 		}
 		for _, v := range vs {
-			if !validValue(v) {
+			if !httpguts.ValidHeaderFieldValue(v) {
 				return errors.New("upstream: invalid header field value")
 			}
 		}
 	}
 	return nil
-}
-
-func validName(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
-		case c == '!' || c == '#' || c == '$' || c == '%' || c == '&' || c == '\'' || c == '*' ||
-			c == '+' || c == '-' || c == '.' || c == '^' || c == '_' || c == '`' || c == '|' || c == '~':
-		default:
-			return false
-		}
-	}
-	return true
-}
-
-func validValue(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < ' ' && c != '\t' || c == 0x7f {
-			return false
-		}
-	}
-	return true
 }

@@ -164,9 +164,7 @@ func TestTransportClosesWhatItCannotReuse(t *testing.T) {
 		if _, body, err := get(t, tr, srv.URL+"/close", nil); err != nil || body != "bye" {
 			t.Fatalf("%q %v", body, err)
 		}
-		tr.mu.Lock()
-		idle := tr.count
-		tr.mu.Unlock()
+		idle := tr.idleConns()
 		if idle != 0 {
 			t.Errorf("%d idle connections after Connection: close, want 0", idle)
 		}
@@ -218,13 +216,13 @@ func TestTransportRetriesAConnectionTheHomeserverClosed(t *testing.T) {
 	})
 	for _, c := range []struct {
 		name  string
-		probe func(net.Conn) idleState
+		probe func(*conn) idleState
 	}{
 		// The probe finds the closed connection before it is used.
 		{"probed", probeIdle},
 		// A close the probe cannot see (one racing with the request, or a
 		// platform without the probe): the request is sent again.
-		{"unprobed", func(net.Conn) idleState { return idleQuiet }},
+		{"unprobed", func(*conn) idleState { return idleQuiet }},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			before := conns.Load()
@@ -486,9 +484,7 @@ func TestTransportCancellation(t *testing.T) {
 		t.Error("cancelled while reading the body: no error")
 	}
 	resp.Body.Close()
-	tr.mu.Lock()
-	idle := tr.count
-	tr.mu.Unlock()
+	idle := tr.idleConns()
 	if idle != 0 {
 		t.Errorf("%d idle connections after three cancelled requests, want 0", idle)
 	}
@@ -600,7 +596,7 @@ func TestTransportIdleConnections(t *testing.T) {
 	var mu sync.Mutex
 	tr.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
-	idle := func() int { tr.mu.Lock(); defer tr.mu.Unlock(); return tr.count }
+	idle := tr.idleConns
 
 	for range 2 {
 		if _, _, err := get(t, tr, srv.URL, nil); err != nil {
@@ -724,4 +720,10 @@ func BenchmarkRoundTrip(b *testing.B) {
 			}
 		})
 	}
+}
+
+func (t *Transport) idleConns() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.idleLocked()
 }
