@@ -29,6 +29,63 @@ type e2eSynapse struct {
 	URL  string // http://127.0.0.1:PORT
 	Data string // SYNAPSE_DATA
 	port string
+	// Bridge is an appservice that may be used from any address; Fenced
+	// one whose ip_range_whitelist admits only e2eFencedAddr. Both are
+	// registered on every test Synapse (see e2eWriteExtraConfig).
+	Bridge, Fenced e2eAppService
+}
+
+// e2eAppService is an appservice registered on a test Synapse.
+type e2eAppService struct {
+	Token  string // as_token
+	Sender string // @sender_localpart:localhost
+	// Prefix is the localpart prefix of the users in its exclusive
+	// namespace: Prefix+"anything" may be masqueraded as.
+	Prefix string
+}
+
+// e2eFencedAddr is the one client address the Fenced appservice's
+// ip_range_whitelist admits (Synapse reads it from X-Forwarded-For, which
+// the proxy sets; see e2eClientFrom).
+const e2eFencedAddr = "127.0.0.3"
+
+// e2eWriteExtraConfig writes the appservice registrations and the extra
+// homeserver.yaml of a test Synapse into its data dir and returns the path
+// for SYNAPSE_EXTRA_CONFIG.
+func e2eWriteExtraConfig(s *e2eSynapse) (string, error) {
+	randHex := func() string {
+		b := make([]byte, 16)
+		_, _ = rand.Read(b)
+		return hex.EncodeToString(b)
+	}
+	var files []string
+	for _, as := range []struct {
+		id  string
+		dst *e2eAppService
+		ips string
+	}{
+		{"bridge", &s.Bridge, ""},
+		{"fenced", &s.Fenced, "ip_range_whitelist: ['" + e2eFencedAddr + "/32']\n"},
+	} {
+		*as.dst = e2eAppService{Token: "as_" + as.id + "_" + randHex(), Sender: "@" + as.id + "-bot:localhost", Prefix: as.id + "_"}
+		reg := "id: e2e-" + as.id + "\n" +
+			"url: null\n" +
+			"as_token: " + as.dst.Token + "\n" +
+			"hs_token: hs_" + randHex() + "\n" +
+			"sender_localpart: " + as.id + "-bot\n" +
+			"rate_limited: false\n" +
+			as.ips +
+			"namespaces:\n  users:\n    - exclusive: true\n      regex: '@" + as.id + "_.*:localhost'\n  aliases: []\n  rooms: []\n"
+		f := filepath.Join(s.Data, "appservice-"+as.id+".yaml")
+		if err := os.WriteFile(f, []byte(reg), 0o600); err != nil {
+			return "", err
+		}
+		files = append(files, "'"+f+"'")
+	}
+	extra := "app_service_config_files: [" + strings.Join(files, ", ") + "]\n" +
+		"experimental_features:\n  msc3814_enabled: true\n"
+	path := filepath.Join(s.Data, "extra.yaml")
+	return path, os.WriteFile(path, []byte(extra), 0o600)
 }
 
 // errE2ENoSynapse wraps reasons Synapse cannot be had on this machine (no
@@ -107,6 +164,9 @@ func e2eStartSynapse(t testing.TB, name string) (*e2eSynapse, error) {
 	}
 	addr := e2eFreeAddr(t)
 	s := &e2eSynapse{URL: "http://" + addr, Data: data, port: addr[strings.LastIndexByte(addr, ':')+1:]}
+	if _, err := e2eWriteExtraConfig(s); err != nil {
+		return nil, err
+	}
 
 	// pip install takes about a minute on a fresh machine; a slow mirror
 	// gets ten.
@@ -140,6 +200,7 @@ func (s *e2eSynapse) script(ctx context.Context, args ...string) ([]byte, error)
 		"SYNAPSE_BCRYPT_ROUNDS=4",
 		"SYNAPSE_START_TIMEOUT=120",
 		"SYNAPSE_STOP_TIMEOUT=15",
+		"SYNAPSE_EXTRA_CONFIG="+filepath.Join(s.Data, "extra.yaml"),
 	)
 	cmd.WaitDelay = 5 * time.Second
 	return cmd.CombinedOutput()

@@ -30,6 +30,9 @@
 #                           refreshable_access_token_lifetime (Synapse duration) [5m]
 #   SYNAPSE_BCRYPT_ROUNDS   bcrypt_rounds for password hashes; the tests use 4 to keep
 #                           hundreds of logins cheap               [12]
+#   SYNAPSE_EXTRA_CONFIG    a YAML file appended to homeserver.yaml on every start
+#                           (appservices, experimental features, MAS); it must not
+#                           repeat a key the script writes                 [none]
 #   SYNAPSE_START_TIMEOUT   seconds to wait for the server to answer   [90]
 #   SYNAPSE_STOP_TIMEOUT    seconds to wait after TERM before KILL     [20]
 #   PYTHON                  interpreter used to create the venv        [python3]
@@ -244,6 +247,10 @@ rc_key_requests: $rc
 rc_user_directory: $rc
 rc_profile: $rc
 EOF
+  if [[ -n "${SYNAPSE_EXTRA_CONFIG:-}" ]]; then
+    [[ -r "$SYNAPSE_EXTRA_CONFIG" ]] || die "SYNAPSE_EXTRA_CONFIG=$SYNAPSE_EXTRA_CONFIG is not a readable file"
+    { printf '\n# From SYNAPSE_EXTRA_CONFIG=%s\n' "$SYNAPSE_EXTRA_CONFIG"; cat "$SYNAPSE_EXTRA_CONFIG"; } >>"$tmp"
+  fi
   mv -f "$tmp" "$CONFIG"
 }
 
