@@ -30,6 +30,7 @@ func setCORS(h http.Header) {
 var (
 	errBadGateway     = matrixError{http.StatusBadGateway, "M_UNKNOWN", "The homeserver could not be reached"}
 	errGatewayTimeout = matrixError{http.StatusGatewayTimeout, "M_UNKNOWN", "The homeserver did not answer in time"}
+	errBodyTimeout    = matrixError{http.StatusRequestTimeout, "M_UNKNOWN", "The request body did not arrive in time"}
 )
 
 type matrixError struct {

@@ -23,6 +23,8 @@ type metrics struct {
 	upstreamErrors    *prometheus.CounterVec
 	upstreamErrByKind map[string]prometheus.Counter
 	rateLimited       [2]prometheus.Counter // by limitedByUser, limitedByIP
+	flushes           [numRoutes]prometheus.Counter
+	bodiesUnread      prometheus.Counter
 	codeLabels        [600]string           // "100" … "599", so labelling allocates nothing
 	// byCode caches the requests_total child of each route and status, so
 	// a request costs an atomic load instead of a label lookup. Filled on
@@ -78,7 +80,18 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 		Namespace: namespace, Name: "token_cache_entries",
 		Help: "Answers held in the token cache (positive and negative).",
 	}, func() float64 { return float64(cacheLen()) })
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.lookups, m.invalidations, m.upstreamWhoami, m.upstreamErrors, limited, entries} {
+	flushes := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "token_cache_flushes_total",
+		Help: "Whole-cache flushes decided by this replica, by the route of the call that caused them: a successful revoking call that carries no token (a password reset by email) or names no device (OIDC back-channel logout).",
+	}, []string{"route"})
+	for n := range numRoutes {
+		m.flushes[n] = flushes.WithLabelValues(n.String())
+	}
+	m.bodiesUnread = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Name: "revoking_bodies_unread_total",
+		Help: "Revoking calls forwarded without reading their body because the memory bound for bodies being read was reached; each invalidated the caller's whole user.",
+	})
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.lookups, m.invalidations, m.upstreamWhoami, m.upstreamErrors, limited, entries, flushes, m.bodiesUnread} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -105,7 +118,7 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 		m.upstreamErrByKind[k] = m.upstreamErrors.WithLabelValues(k)
 	}
 	for _, r := range []tokencache.Reason{reasonLogout, reasonLogoutAll, reasonDevice, reasonPassword,
-		reasonDeactivate, reasonLogin, reasonUnknownToken, tokencache.ReasonCapacity, tokencache.ReasonExpired,
+		reasonDeactivate, reasonLogin, reasonLock, reasonSSOLogout, reasonUnknownToken, tokencache.ReasonCapacity, tokencache.ReasonExpired,
 		tokencache.ReasonBus, tokencache.ReasonBusResync} {
 		m.invalidations.WithLabelValues(string(r))
 	}

@@ -10,6 +10,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net/http"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
@@ -52,6 +54,19 @@ type Config struct {
 	TrustedProxies []netip.Prefix
 	// RateLimit limits clients at the edge; the zero value disables it.
 	RateLimit RateLimitConfig
+	// RevokeTimeout bounds a call that may revoke tokens. Such a call is
+	// detached from its client, so that a client hanging up cannot keep
+	// the proxy from learning what the homeserver did; past the bound
+	// the outcome is unknown and counted as a success. 0 means 60s.
+	RevokeTimeout time.Duration
+	// BodyReadTimeout bounds the time a revoking call's body may take to
+	// arrive before it is forwarded (the proxy reads it to learn what it
+	// revokes); past it the client gets a 408. 0 means 10s.
+	BodyReadTimeout time.Duration
+	// BodyMemory bounds the bytes of all revoking calls' bodies held at
+	// once; a body that does not fit is forwarded unread, and its call
+	// then invalidates more (the caller's whole user). 0 means 16 MiB.
+	BodyMemory int64
 }
 
 // Proxy is an http.Handler for the client-facing listener.
@@ -71,6 +86,10 @@ type Proxy struct {
 	// warnedXFF is set once the misconfiguration warning of allow was
 	// logged.
 	warnedXFF atomic.Bool
+
+	revokeTimeout   time.Duration
+	bodyReadTimeout time.Duration
+	bodyBudget      *semaphore.Weighted
 }
 
 // New returns a Proxy, or an error naming what is missing or wrong.
@@ -83,7 +102,20 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	p := &Proxy{target: cfg.Upstream, lookups: lookups, hasher: cfg.Hasher, log: cfg.Logger, now: time.Now,
-		trusted: cfg.TrustedProxies}
+		trusted: cfg.TrustedProxies, revokeTimeout: cfg.RevokeTimeout, bodyReadTimeout: cfg.BodyReadTimeout}
+	if cfg.RevokeTimeout < 0 || cfg.BodyReadTimeout < 0 || cfg.BodyMemory < 0 {
+		return nil, errors.New("proxy: RevokeTimeout, BodyReadTimeout and BodyMemory must not be negative")
+	}
+	if p.revokeTimeout == 0 {
+		p.revokeTimeout = defaultRevokeTimeout
+	}
+	if p.bodyReadTimeout == 0 {
+		p.bodyReadTimeout = defaultBodyReadTimeout
+	}
+	if cfg.BodyMemory == 0 {
+		cfg.BodyMemory = defaultBodyMemory
+	}
+	p.bodyBudget = semaphore.NewWeighted(cfg.BodyMemory)
 	if p.log == nil {
 		p.log = zap.NewNop()
 	}
@@ -148,7 +180,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	rt := classify(r)
 	var c caller
-	if rt.action != actPass || p.limiter != nil {
+	if rt.whoami || len(rt.matches) > 0 || p.limiter != nil {
 		p.identify(r, &c)
 	}
 	sw := p.writers.Get().(*statusWriter)
@@ -171,13 +203,13 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if p.limiter != nil && !p.allow(sw, r, &c) {
 		return
 	}
-	switch rt.action {
-	case actPass:
-		p.rp.ServeHTTP(sw, r)
-	case actWhoami:
+	switch {
+	case rt.whoami:
 		p.serveWhoami(sw, r, &c)
-	default:
+	case len(rt.matches) > 0:
 		p.serveRevoking(sw, r, rt, &c)
+	default:
+		p.rp.ServeHTTP(sw, r)
 	}
 }
 
@@ -257,11 +289,21 @@ func (p *Proxy) clientIP(r *http.Request) string {
 // proxyError is the ReverseProxy's ErrorHandler: the homeserver gave no HTTP
 // answer. A timeout is a 504, anything else a 502, both with a Matrix error;
 // never a 401, which would log the client out. A client that went away gets
-// nothing and makes no noise.
+// nothing and makes no noise. A revoking call without an answer may still
+// have been performed: its plan is settled as such (its context is detached
+// from the client, so only its own deadline ends it).
 func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	kind := upstream.ErrorKind(err)
-	if r.Context().Err() != nil || kind == upstream.KindCanceled {
+	if pl, ok := r.Context().Value(planKey{}).(*plan); ok {
+		p.settle(pl, 0, nil)
+		if pl.clientBodyFailed.Load() {
+			return // the client went away mid-body
+		}
+	} else if r.Context().Err() != nil || kind == upstream.KindCanceled {
 		return
+	}
+	if kind == upstream.KindCanceled && r.Context().Err() == context.DeadlineExceeded {
+		kind = upstream.KindTimeout
 	}
 	p.upstreamFailed(w, r, kind, err)
 }
@@ -285,7 +327,7 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		p.passiveInvalidation(resp)
 	}
 	if pl, ok := resp.Request.Context().Value(planKey{}).(*plan); ok {
-		p.applyPlan(pl, resp)
+		p.settle(pl, resp.StatusCode, resp)
 	}
 	return nil
 }

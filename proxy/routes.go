@@ -7,36 +7,27 @@ import (
 )
 
 // This file is the one place that says which requests the proxy answers
-// itself, which ones revoke tokens (and what), and, by omission, that
-// everything else passes through untouched.
+// itself, which ones revoke tokens and what each revokes, and, by omission,
+// that everything else passes through untouched. revokingRoutes is the
+// invalidation matrix: a row is a method, a path and what the proxy drops
+// when the homeserver performed the call (see effects.go). Adding a
+// revoking route is adding a row.
 //
-//	GET    /_matrix/client/{r0,v3}/account/whoami  answered from the token cache
-//	POST   …/logout                  2xx: drop the token and its device
-//	POST   …/logout/all              2xx: drop the whole user (resolved before forwarding)
-//	DELETE …/devices/{deviceId}      2xx: drop that device of the caller's user
-//	POST   …/delete_devices          2xx: drop the devices listed in the body
-//	POST   …/account/password        2xx: drop the user's other tokens, unless "logout_devices": false
-//	POST   …/account/deactivate      2xx: drop the whole user
-//	POST   …/login                   200: drop the user+device of the response (device reuse
-//	                                      may revoke older tokens on some homeservers);
-//	                                      cap the new token's lifetime at expires_in_ms
-//	POST   …/register, …/refresh     200: cap the new token's lifetime at expires_in_ms
-//	Synapse admin API (/_synapse/admin/v1 or v2), 2xx:
-//	DELETE …/users/{userId}/devices/{deviceId}   drop that device
-//	POST   …/users/{userId}/delete_devices       drop the devices listed in the body
-//	POST   …/deactivate/{userId}                 drop the whole user
-//	POST   …/reset_password/{userId}             drop the whole user, unless "logout_devices": false
-//	PUT    …/users/{userId}                      drop the whole user if the body deactivates or
-//	                                             locks it, or sets a password without
-//	                                             "logout_devices": false
-//	any                              401 M_UNKNOWN_TOKEN: drop the request's token
-//	anything else                    passes through
+// Besides the rows: GET …/account/whoami is answered from the token cache,
+// and any 401 for a request that carries a token, other than a
+// user-interactive-auth challenge, drops that token (passiveInvalidation).
 //
 // whoami is matched on the raw, still-encoded path, exactly: anything odd
 // goes to the homeserver, which knows best. Revoking routes are matched
-// leniently (percent-decoded, dot segments resolved, any version prefix such
-// as r0, v3, unstable or api/v1): a false match only ever costs an extra
-// invalidation, a missed one would keep a revoked token alive.
+// leniently: percent-decoded literal segments, empty segments ignored, any
+// version prefix (r0, v3, unstable, api/v1, unstable/org.matrix.mscNNNN).
+// A false match only costs an extra invalidation; a missed one would keep
+// a revoked token alive. Path parameters are taken as Synapse takes them:
+// it matches its patterns against the raw path and unquotes each parameter,
+// with no dot-segment resolution, so DELETE /devices/%2E%2E deletes the
+// device named "..". An intermediary may resolve dot segments first, so a
+// path with dot segments is matched in both readings and every match
+// applies.
 
 // routeName is the route label of the metrics.
 type routeName uint8
@@ -50,6 +41,8 @@ const (
 	routePassword
 	routeDeactivate
 	routeLogin
+	routeLock
+	routeSSOLogout
 	numRoutes
 )
 
@@ -62,66 +55,94 @@ var routeLabels = [numRoutes]string{
 	routePassword:   "password",
 	routeDeactivate: "deactivate",
 	routeLogin:      "login",
+	routeLock:       "lock",
+	routeSSOLogout:  "sso_logout",
 }
 
 func (n routeName) String() string { return routeLabels[n] }
 
-// action is what the proxy does around a request.
-type action uint8
+// api is the prefix a route lives under, and how many version segments may
+// follow it.
+type api uint8
 
 const (
-	actPass          action = iota // forward untouched
-	actWhoami                      // answer from the cache
-	actLogout                      // POST /logout
-	actLogoutAll                   // POST /logout/all
-	actDeleteDevice                // DELETE /devices/{deviceId}
-	actDeleteDevices               // POST /delete_devices
-	actPassword                    // POST /account/password
-	actDeactivate                  // POST /account/deactivate
-	actLogin                       // POST /login
-	actNewToken                    // POST /register, POST /refresh
-
-	// The Synapse admin API names the user in the path.
-	actAdminDeleteDevice  // DELETE /_synapse/admin/v2/users/{userId}/devices/{deviceId}
-	actAdminDeleteDevices // POST /_synapse/admin/v2/users/{userId}/delete_devices
-	actAdminDeactivate    // POST /_synapse/admin/v1/deactivate/{userId}
-	actAdminResetPassword // POST /_synapse/admin/v1/reset_password/{userId}
-	actAdminPutUser       // PUT /_synapse/admin/v2/users/{userId}
+	apiClient        api = iota // /_matrix/client/{version…}/
+	apiSynapseAdmin             // /_synapse/admin/{v1,v2}/
+	apiSynapseClient            // /_synapse/client/ (no version)
 )
 
-// route is the outcome of matching a request.
-type route struct {
-	name   routeName
-	action action
-	// params are the path parameters, in order: {deviceId} of the client
-	// API, {userId} and {deviceId} of the admin API.
-	params [2]string
+var apiPrefixes = [...]struct {
+	segs                     [2]string
+	minVersions, maxVersions int
+}{
+	apiClient:        {[2]string{"_matrix", "client"}, 1, 2},
+	apiSynapseAdmin:  {[2]string{"_synapse", "admin"}, 1, 1},
+	apiSynapseClient: {[2]string{"_synapse", "client"}, 0, 0},
 }
 
-type routeSpec struct {
+// needs says what a revoking route's effect must know, found before the
+// request is forwarded.
+type needs uint8
+
+const (
+	// needCaller: the caller's user and device, resolved from the token
+	// before forwarding (afterwards a revoked token no longer resolves).
+	needCaller needs = 1 << iota
+	// needBody: the request body (bounded, see readBody).
+	needBody
+	// needResponse: the response body, on success (new tokens).
+	needResponse
+)
+
+// revokingRoute is a row of the invalidation matrix.
+type revokingRoute struct {
 	method string
-	suffix []string // path segments after the version; "*" is a parameter
-	route  route
+	api    api
+	// path is the path after the version, "*" a parameter.
+	path   string
+	name   routeName
+	needs  needs
+	effect effect
+	segs   []string // path, split; set by init
 }
 
-var revokingRoutes = [...]routeSpec{
-	{http.MethodPost, []string{"logout"}, route{name: routeLogout, action: actLogout}},
-	{http.MethodPost, []string{"logout", "all"}, route{name: routeLogoutAll, action: actLogoutAll}},
-	{http.MethodDelete, []string{"devices", "*"}, route{name: routeDevices, action: actDeleteDevice}},
-	{http.MethodPost, []string{"delete_devices"}, route{name: routeDevices, action: actDeleteDevices}},
-	{http.MethodPost, []string{"account", "password"}, route{name: routePassword, action: actPassword}},
-	{http.MethodPost, []string{"account", "deactivate"}, route{name: routeDeactivate, action: actDeactivate}},
-	{http.MethodPost, []string{"login"}, route{name: routeLogin, action: actLogin}},
-	{http.MethodPost, []string{"register"}, route{name: routeOther, action: actNewToken}},
-	{http.MethodPost, []string{"refresh"}, route{name: routeOther, action: actNewToken}},
+var revokingRoutes = []*revokingRoute{
+	// Client-Server API.
+	{method: "POST", api: apiClient, path: "logout", name: routeLogout, needs: needCaller, effect: dropCallerSession},
+	{method: "POST", api: apiClient, path: "logout/all", name: routeLogoutAll, needs: needCaller, effect: dropCallerUser},
+	{method: "DELETE", api: apiClient, path: "devices/*", name: routeDevices, needs: needCaller, effect: dropCallerDeviceInPath},
+	{method: "POST", api: apiClient, path: "delete_devices", name: routeDevices, needs: needCaller | needBody, effect: dropCallerDevicesInBody},
+	{method: "POST", api: apiClient, path: "account/password", name: routePassword, needs: needCaller | needBody, effect: dropCallerOtherTokensOnPasswordChange},
+	{method: "POST", api: apiClient, path: "account/deactivate", name: routeDeactivate, needs: needCaller, effect: dropCallerUser},
+	// MSC3814: replacing or deleting the dehydrated device deletes a
+	// device of the caller whose ID the request does not name.
+	{method: "PUT", api: apiClient, path: "dehydrated_device", name: routeDevices, needs: needCaller, effect: dropCallerUser},
+	{method: "DELETE", api: apiClient, path: "dehydrated_device", name: routeDevices, needs: needCaller, effect: dropCallerUser},
+	// Account locking (spec v1.18, MSC4323; unstable
+	// uk.timedout.msc4323): {"locked": true} ends the user's sessions.
+	{method: "PUT", api: apiClient, path: "admin/lock/*", name: routeLock, needs: needBody, effect: dropPathUserIfLocked},
+	{method: "POST", api: apiClient, path: "login", name: routeLogin, needs: needResponse, effect: observeLogin},
+	{method: "POST", api: apiClient, path: "register", name: routeOther, needs: needResponse, effect: observeNewToken},
+	{method: "POST", api: apiClient, path: "refresh", name: routeOther, needs: needResponse, effect: observeNewToken},
+
+	// Synapse admin API: the user is in the path.
+	{method: "DELETE", api: apiSynapseAdmin, path: "users/*/devices/*", name: routeDevices, effect: dropPathDevice},
+	{method: "POST", api: apiSynapseAdmin, path: "users/*/delete_devices", name: routeDevices, needs: needBody, effect: dropPathUserDevicesInBody},
+	{method: "POST", api: apiSynapseAdmin, path: "deactivate/*", name: routeDeactivate, effect: dropPathUser},
+	{method: "POST", api: apiSynapseAdmin, path: "reset_password/*", name: routePassword, needs: needBody, effect: dropPathUserOnPasswordReset},
+	{method: "PUT", api: apiSynapseAdmin, path: "users/*", name: routeOther, needs: needBody, effect: dropPathUserIfUpdateRevokes},
+
+	// Synapse's own client endpoints. OIDC back-channel logout ends the
+	// sessions of an upstream identity, which only the homeserver can map
+	// to devices: a success flushes (rare, and only an identity provider
+	// can make one succeed).
+	{method: "POST", api: apiSynapseClient, path: "oidc/backchannel_logout", name: routeSSOLogout, effect: flushAll},
 }
 
-var adminRoutes = [...]routeSpec{
-	{http.MethodDelete, []string{"users", "*", "devices", "*"}, route{name: routeDevices, action: actAdminDeleteDevice}},
-	{http.MethodPost, []string{"users", "*", "delete_devices"}, route{name: routeDevices, action: actAdminDeleteDevices}},
-	{http.MethodPost, []string{"deactivate", "*"}, route{name: routeDeactivate, action: actAdminDeactivate}},
-	{http.MethodPost, []string{"reset_password", "*"}, route{name: routePassword, action: actAdminResetPassword}},
-	{http.MethodPut, []string{"users", "*"}, route{name: routeOther, action: actAdminPutUser}},
+func init() {
+	for _, rt := range revokingRoutes {
+		rt.segs = strings.Split(rt.path, "/")
+	}
 }
 
 const (
@@ -129,80 +150,136 @@ const (
 	whoamiV3 = "/_matrix/client/v3/account/whoami"
 )
 
-// classify matches a request against the table above.
+// match is a revoking route matched by a request, with its parameters.
+type match struct {
+	route  *revokingRoute
+	params [2]string // in path order: {deviceId}, or {userId} and {deviceId}
+}
+
+// route is the outcome of classifying a request.
+type route struct {
+	name    routeName
+	whoami  bool
+	matches []match // revoking routes; usually one, two for a path whose readings differ
+}
+
+var (
+	routeWhoamiV = route{name: routeWhoami, whoami: true}
+	routePass    = route{name: routeOther}
+)
+
+// classify matches a request against the table.
 func classify(r *http.Request) route {
 	switch r.Method {
 	case http.MethodGet:
 		if p := r.URL.EscapedPath(); p == whoamiV3 || p == whoamiR0 {
-			return route{name: routeWhoami, action: actWhoami}
+			return routeWhoamiV
 		}
-		return route{}
+		return routePass
 	case http.MethodPost, http.MethodDelete:
 		return classifyRevoking(r.Method, r.URL.EscapedPath())
 	case http.MethodPut:
-		// The only revoking PUT is the admin API's; client PUTs (sending
-		// events, most of the traffic after /sync) need no parsing.
-		if p := r.URL.EscapedPath(); strings.HasPrefix(p, "/_synapse/") || strings.Contains(p, "admin") {
+		// Client PUTs (sending events: most of the traffic after /sync)
+		// need no parsing. The revoking ones have "admin" or
+		// "dehydrated_device" as a literal segment: Synapse matches its
+		// patterns on the raw path, so an encoded literal never routes.
+		if p := r.URL.EscapedPath(); strings.Contains(p, "admin") || strings.Contains(p, "dehydrated") {
 			return classifyRevoking(r.Method, p)
 		}
-		return route{}
+		return routePass
 	default:
-		return route{}
+		return routePass
 	}
 }
 
 func classifyRevoking(method, escapedPath string) route {
-	segs := segments(escapedPath)
-	switch {
-	case len(segs) >= 3 && segs[0] == "_matrix" && segs[1] == "client":
-		// One or two version segments: v3, r0, unstable; api/v1,
-		// unstable/org.matrix.mscNNNN.
-		return matchRoutes(revokingRoutes[:], method, segs[2:], 1, 2)
-	case len(segs) >= 3 && segs[0] == "_synapse" && segs[1] == "admin":
-		return matchRoutes(adminRoutes[:], method, segs[2:], 1, 1)
+	raw := segments(escapedPath)
+	rt := route{name: routeOther}
+	rt.matches = appendMatches(rt.matches, method, raw)
+	if hasDotSegment(raw) {
+		rt.matches = appendMatches(rt.matches, method, resolveDots(raw))
 	}
-	return route{}
+	if len(rt.matches) > 0 {
+		rt.name = rt.matches[0].route.name
+	}
+	return rt
 }
 
-// matchRoutes matches rest (the path after the API prefix) against specs,
-// allowing between minVersions and maxVersions version segments first.
-func matchRoutes(specs []routeSpec, method string, rest []string, minVersions, maxVersions int) route {
-	for _, spec := range specs {
-		if spec.method != method {
+// appendMatches adds the routes that segs (decoded path segments) match.
+func appendMatches(ms []match, method string, segs []string) []match {
+	for _, rt := range revokingRoutes {
+		if rt.method != method {
 			continue
 		}
-		versions := len(rest) - len(spec.suffix)
-		if versions < minVersions || versions > maxVersions {
+		pre := apiPrefixes[rt.api]
+		if len(segs) < 2 || segs[0] != pre.segs[0] || segs[1] != pre.segs[1] {
 			continue
 		}
-		rt, ok, n := spec.route, true, 0
-		for i, want := range spec.suffix {
+		rest := segs[2:]
+		versions := len(rest) - len(rt.segs)
+		if versions < pre.minVersions || versions > pre.maxVersions {
+			continue
+		}
+		m, ok, n := match{route: rt}, true, 0
+		for i, want := range rt.segs {
 			got := rest[versions+i]
 			switch {
 			case want == "*":
-				rt.params[n] = got
+				m.params[n] = got
 				n++
 			case got != want:
 				ok = false
 			}
 		}
-		if ok {
-			return rt
+		if ok && !containsMatch(ms, m) {
+			ms = append(ms, m)
 		}
 	}
-	return route{}
+	return ms
 }
 
-// segments splits an escaped path into decoded segments, dropping empty and
-// "." segments and resolving "..", the way a lenient server would route it.
+func containsMatch(ms []match, m match) bool {
+	for _, x := range ms {
+		if x == m {
+			return true
+		}
+	}
+	return false
+}
+
+// segments splits an escaped path into segments, each percent-decoded the
+// way Synapse unquotes a parameter (a bad escape stays as it is), dropping
+// empty ones. "." and ".." are kept: Synapse does not resolve them.
 func segments(escapedPath string) []string {
 	var out []string
 	for s := range strings.SplitSeq(escapedPath, "/") {
-		if u, err := url.PathUnescape(s); err == nil {
-			s = u
+		if s == "" {
+			continue
 		}
+		if strings.IndexByte(s, '%') >= 0 {
+			s = unquote(s, false)
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+func hasDotSegment(segs []string) bool {
+	for _, s := range segs {
+		if s == "." || s == ".." {
+			return true
+		}
+	}
+	return false
+}
+
+// resolveDots is the reading of an intermediary that resolves dot segments
+// (RFC 3986 section 5.2.4) before the homeserver sees the path.
+func resolveDots(segs []string) []string {
+	out := make([]string, 0, len(segs))
+	for _, s := range segs {
 		switch s {
-		case "", ".":
+		case ".":
 		case "..":
 			if len(out) > 0 {
 				out = out[:len(out)-1]
@@ -212,4 +289,67 @@ func segments(escapedPath string) []string {
 		}
 	}
 	return out
+}
+
+// unquote decodes percent-escapes as Python's urllib.parse.unquote does: a
+// malformed escape is kept as it is. With plus, '+' is a space (query
+// strings, as Twisted's parse_qs reads them).
+func unquote(s string, plus bool) string {
+	if strings.IndexByte(s, '%') < 0 && (!plus || strings.IndexByte(s, '+') < 0) {
+		return s
+	}
+	var b strings.Builder
+	b.Grow(len(s))
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '%' && i+2 < len(s) && isHex(s[i+1]) && isHex(s[i+2]):
+			b.WriteByte(unhex(s[i+1])<<4 | unhex(s[i+2]))
+			i += 2
+		case c == '+' && plus:
+			b.WriteByte(' ')
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case c >= 'a':
+		return c - 'a' + 10
+	case c >= 'A':
+		return c - 'A' + 10
+	default:
+		return c - '0'
+	}
+}
+
+// synapseQuery parses a raw query the way Synapse sees it (Twisted's
+// parse_qs with keep_blank_values): pairs are split on '&' and ';', a pair
+// without '=' is ignored, '+' is a space and a malformed escape stays as it
+// is. Unlike url.ParseQuery it never fails, so a query Go would reject
+// cannot hide a token or a parameter from the proxy.
+func synapseQuery(raw string) url.Values {
+	q := url.Values{}
+	for len(raw) > 0 {
+		var item string
+		if i := strings.IndexAny(raw, "&;"); i >= 0 {
+			item, raw = raw[:i], raw[i+1:]
+		} else {
+			item, raw = raw, ""
+		}
+		k, v, ok := strings.Cut(item, "=")
+		if !ok {
+			continue
+		}
+		k = unquote(k, true)
+		q[k] = append(q[k], unquote(v, true))
+	}
+	return q
 }

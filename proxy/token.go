@@ -17,6 +17,88 @@ const (
 	paramMSC3202DeviceID = "org.matrix.msc3202.device_id"
 )
 
+// authState is what Synapse makes of a request's credentials
+// (synapse/api/auth/base.py, get_access_token_from_request).
+type authState uint8
+
+const (
+	// authNone: no Authorization header and no access_token parameter.
+	authNone authState = iota
+	// authToken: one token, read as Synapse reads it.
+	authToken
+	// authInvalid: credentials Synapse rejects with a 401 before looking
+	// at any token (both forms, several headers, a header that is not
+	// "Bearer <token>"), or a token the proxy will not judge (over 1 KiB,
+	// control characters). token is then the best guess, possibly "".
+	authInvalid
+)
+
+// requestAuth is a request's credentials as Synapse reads them.
+type requestAuth struct {
+	state authState
+	token string
+	// query is the request's query as Synapse parses it; nil when empty.
+	query url.Values
+}
+
+// readAuth reads a request's credentials the way Synapse does: the one
+// Authorization header if there is any ("Bearer", one space, the token;
+// never together with access_token), else the first access_token value of
+// the query as Twisted parses it (synapseQuery). Being stricter than the
+// homeserver costs a cache miss; being looser would answer a request the
+// homeserver rejects, or let a client make the proxy name the wrong token.
+func readAuth(r *http.Request) requestAuth {
+	var a requestAuth
+	if r.URL.RawQuery != "" {
+		a.query = synapseQuery(r.URL.RawQuery)
+	}
+	hdr := r.Header["Authorization"]
+	qtok, hasQ := a.query[paramAccessToken]
+	switch {
+	case len(hdr) == 0 && !hasQ:
+		a.state = authNone
+		return a
+	case len(hdr) == 0:
+		a.token = qtok[0]
+	default:
+		tok, found := strings.CutPrefix(hdr[0], "Bearer ")
+		a.token = tok
+		if !found || hasQ || len(hdr) > 1 {
+			a.state = authInvalid
+			return a
+		}
+	}
+	a.state = authToken
+	if !validToken(a.token) {
+		a.state = authInvalid
+	}
+	return a
+}
+
+// masquerade returns the appservice identity assertion of the request: the
+// first value of each parameter, as Synapse takes it (get_appservice_user).
+// odd is set when a parameter is present with an empty first value: Synapse
+// then answers an appservice token differently from a request without it
+// (an error), and an ordinary token the same.
+func (a *requestAuth) masquerade() (m tokencache.Masquerade, odd bool) {
+	for _, p := range [...]struct {
+		name string
+		dst  *string
+	}{
+		{paramUserID, &m.UserID},
+		{paramDeviceID, &m.DeviceID},
+		{paramMSC3202DeviceID, &m.MSC3202DeviceID},
+	} {
+		if v, has := a.query[p.name]; has {
+			if v[0] == "" {
+				odd = true
+			}
+			*p.dst = v[0]
+		}
+	}
+	return m, odd
+}
+
 // credentials are what a request authenticates with.
 type credentials struct {
 	token string
@@ -25,75 +107,17 @@ type credentials struct {
 
 // extractCredentials returns the request's access token and masquerade
 // parameters, and ok=false whenever the homeserver itself should judge the
-// request: no token (see requestToken) or an odd masquerade parameter.
+// request: no usable token (see readAuth) or an empty masquerade parameter.
 func extractCredentials(r *http.Request) (credentials, bool) {
-	var c credentials
-	tok, q, ok := requestToken(r)
-	if !ok {
-		return c, false
+	a := readAuth(r)
+	if a.state != authToken {
+		return credentials{}, false
 	}
-	c.token = tok
-	for _, p := range [...]struct {
-		name string
-		dst  *string
-	}{
-		{paramUserID, &c.masq.UserID},
-		{paramDeviceID, &c.masq.DeviceID},
-		{paramMSC3202DeviceID, &c.masq.MSC3202DeviceID},
-	} {
-		v, has := q[p.name]
-		if !has {
-			continue
-		}
-		if len(v) != 1 || v[0] == "" {
-			return c, false
-		}
-		*p.dst = v[0]
+	m, odd := a.masquerade()
+	if odd {
+		return credentials{}, false
 	}
-	return c, true
-}
-
-// tokenOnly returns the access token of a request, or "" if it has none or an
-// ambiguous one. Unlike extractCredentials it ignores masquerade parameters:
-// it serves invalidation, which drops every variant of a token anyway.
-func tokenOnly(r *http.Request) string {
-	tok, _, _ := requestToken(r)
-	return tok
-}
-
-// requestToken returns the request's access token and its parsed query, and
-// ok=false (with no token) for no token, both a header and a query token,
-// more than one of either, a header that is not exactly "Bearer <token>", or
-// a query that does not parse.
-//
-// It mirrors Synapse, which takes the header only when it starts with the
-// case-sensitive "Bearer " and rejects mixing both forms; being stricter than
-// the homeserver costs a cache miss, being looser would answer a request the
-// homeserver rejects.
-func requestToken(r *http.Request) (string, url.Values, bool) {
-	hdr := r.Header["Authorization"]
-	if len(hdr) > 1 {
-		return "", nil, false
-	}
-	var q url.Values
-	if r.URL.RawQuery != "" {
-		var err error
-		if q, err = url.ParseQuery(r.URL.RawQuery); err != nil {
-			return "", nil, false
-		}
-	}
-	qtok, hasQ := q[paramAccessToken]
-	switch {
-	case len(hdr) == 1 && hasQ:
-		return "", nil, false
-	case len(hdr) == 1:
-		if tok, found := strings.CutPrefix(hdr[0], "Bearer "); found && validToken(tok) {
-			return tok, q, true
-		}
-	case len(qtok) == 1 && validToken(qtok[0]):
-		return qtok[0], q, true
-	}
-	return "", nil, false
+	return credentials{token: a.token, masq: m}, true
 }
 
 // validToken accepts what a homeserver can have issued: non-empty printable
