@@ -154,7 +154,9 @@ func (hs *fakeHS) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	// Like Synapse: "Bearer " exactly, or access_token, never both.
 	tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if q := r.URL.Query().Get("access_token"); q != "" {
+	// Synapse's query parsing (Twisted's parse_qs), first value.
+	if q := synapseQuery(r.URL.RawQuery)["access_token"]; len(q) > 0 && q[0] != "" {
+		q := q[0]
 		if tok != "" {
 			writeJSON(w, 401, `{"errcode":"M_MISSING_TOKEN","error":"Mixing Authorization headers and access_token query parameters."}`)
 			return
@@ -202,7 +204,8 @@ func (hs *fakeHS) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if r.Method == http.MethodDelete {
-			req.Devices = []string{path[strings.LastIndex(path, "/")+1:]}
+			// Like Synapse: the raw segment, unquoted.
+			req.Devices = []string{r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:]}
 		}
 		for _, d := range req.Devices {
 			hs.revoke(func(_ string, o session) bool { return o.user == s.user && o.device == d })

@@ -25,7 +25,7 @@ type metrics struct {
 	rateLimited       [2]prometheus.Counter // by limitedByUser, limitedByIP
 	flushes           [numRoutes]prometheus.Counter
 	bodiesUnread      prometheus.Counter
-	codeLabels        [600]string           // "100" … "599", so labelling allocates nothing
+	codeLabels        [600]string // "100" … "599", so labelling allocates nothing
 	// byCode caches the requests_total child of each route and status, so
 	// a request costs an atomic load instead of a label lookup. Filled on
 	// first use: a child made up front would be a series in /metrics.

@@ -148,17 +148,20 @@ func (p *Proxy) readBody(w http.ResponseWriter, r *http.Request, pl *plan) (rele
 	rc := http.NewResponseController(w)
 	deadline := rc.SetReadDeadline(time.Now().Add(p.bodyReadTimeout)) == nil
 	body, complete, err := peek(&r.Body, r.ContentLength)
-	if deadline {
-		_ = rc.SetReadDeadline(time.Time{})
-	}
 	if err != nil {
+		// The deadline stays: the server must not wait for the rest of
+		// the body before it answers and closes.
 		release()
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
+			w.Header().Set("Connection", "close")
 			errBodyTimeout.write(w)
 		}
 		// Otherwise the client went away; nothing was forwarded.
 		return func() {}, false
+	}
+	if deadline {
+		_ = rc.SetReadDeadline(time.Time{})
 	}
 	pl.body, pl.bodyOK = body, complete
 	return release, true
