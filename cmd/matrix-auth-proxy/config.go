@@ -28,6 +28,8 @@ type Config struct {
 	CacheTTL          time.Duration `env:"CACHE_TTL" envDefault:"2m"`
 	CacheNegativeTTL  time.Duration `env:"CACHE_NEGATIVE_TTL" envDefault:"10s"`
 	UpstreamTimeout   time.Duration `env:"UPSTREAM_TIMEOUT" envDefault:"10s"`
+	RevokeTimeout     time.Duration `env:"REVOKE_TIMEOUT" envDefault:"60s"`
+	BodyReadTimeout   time.Duration `env:"BODY_READ_TIMEOUT" envDefault:"10s"`
 	ReadinessInterval time.Duration `env:"READINESS_INTERVAL" envDefault:"5s"`
 	ShutdownDelay     time.Duration `env:"SHUTDOWN_DELAY" envDefault:"5s"`
 	ShutdownTimeout   time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"20s"`
@@ -130,6 +132,8 @@ func (c *Config) validate() error {
 		{"CACHE_TTL", c.CacheTTL, false},
 		{"CACHE_NEGATIVE_TTL", c.CacheNegativeTTL, true}, // 0 disables negative caching
 		{"UPSTREAM_TIMEOUT", c.UpstreamTimeout, false},
+		{"REVOKE_TIMEOUT", c.RevokeTimeout, false},
+		{"BODY_READ_TIMEOUT", c.BodyReadTimeout, false},
 		{"READINESS_INTERVAL", c.ReadinessInterval, false},
 		{"SHUTDOWN_DELAY", c.ShutdownDelay, true},
 		{"SHUTDOWN_TIMEOUT", c.ShutdownTimeout, true},

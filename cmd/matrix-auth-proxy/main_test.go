@@ -26,8 +26,8 @@ func TestConfigDefaults(t *testing.T) {
 	want := Config{
 		UpstreamURL: "http://127.0.0.1:8008", ListenAddr: ":8080", AdminAddr: ":9090",
 		CacheSize: 100000, CacheTTL: 2 * time.Minute, CacheNegativeTTL: 10 * time.Second,
-		UpstreamTimeout: 10 * time.Second, ReadinessInterval: 5 * time.Second,
-		ShutdownDelay: 5 * time.Second, ShutdownTimeout: 20 * time.Second,
+		UpstreamTimeout: 10 * time.Second, RevokeTimeout: time.Minute, BodyReadTimeout: 10 * time.Second,
+		ReadinessInterval: 5 * time.Second, ShutdownDelay: 5 * time.Second, ShutdownTimeout: 20 * time.Second,
 		LogLevel: "info", LogFormat: "json", RateLimitRPS: 20, RateLimitBurst: 100,
 		RedisChannel: "matrix-auth-proxy:invalidate", RedisDownCacheTTL: 10 * time.Second,
 	}
@@ -45,6 +45,8 @@ func TestBadConfigExits2NamingTheVariable(t *testing.T) {
 		"CACHE_NEGATIVE_TTL":      "-1s",
 		"CACHE_SIZE":              "0",
 		"UPSTREAM_TIMEOUT":        "0",
+		"REVOKE_TIMEOUT":          "0s",
+		"BODY_READ_TIMEOUT":       "-1s",
 		"SHUTDOWN_DELAY":          "soon",
 		"SHUTDOWN_TIMEOUT":        "-5s",
 		"READINESS_INTERVAL":      "0s",
