@@ -205,19 +205,3 @@ func TestTokensNeverReachLogsOrMetrics(t *testing.T) {
 		t.Errorf("a token reached the metrics: %s", s)
 	}
 }
-
-func TestRedactQuery(t *testing.T) {
-	for in, want := range map[string]string{
-		"":                                 "",
-		"access_token=abc":                 "access_token=REDACTED",
-		"a=1&access_token=abc&b=2":         "a=1&access_token=REDACTED&b=2",
-		"Access_Token=abc":                 "Access_Token=REDACTED",
-		"loginToken=abc&redirectUrl=x":     "loginToken=REDACTED&redirectUrl=x",
-		"access_token=abc&access_token=de": "access_token=REDACTED&access_token=REDACTED",
-		"access_token=abc&x=%zz":           "UNPARSEABLE-REDACTED",
-	} {
-		if got := redactQuery(in); got != want {
-			t.Errorf("redactQuery(%q) = %q, want %q", in, got, want)
-		}
-	}
-}

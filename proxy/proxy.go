@@ -194,7 +194,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.m.observe(rt.name, code, elapsed.Seconds())
 		if ce := p.log.Check(zap.DebugLevel, "request"); ce != nil {
 			ce.Write(zap.String("route", rt.name.String()), zap.String("method", r.Method),
-				zap.String("path", r.URL.EscapedPath()), zap.String("query", redactQuery(r.URL.RawQuery)),
+				zap.String("path", logPath(r.URL.EscapedPath())), zap.String("query", logQuery(r.URL.RawQuery)),
 				zap.Int("status", code), zap.Duration("duration", elapsed), zap.String("client", p.clientIP(r)))
 		}
 		sw.ResponseWriter = nil
@@ -311,7 +311,7 @@ func (p *Proxy) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 func (p *Proxy) upstreamFailed(w http.ResponseWriter, r *http.Request, kind string, err error) {
 	p.m.upstreamError(kind)
 	p.log.Warn("homeserver request failed", zap.String("method", r.Method),
-		zap.String("path", r.URL.EscapedPath()), zap.String("kind", kind), zap.Error(err))
+		zap.String("path", logPath(r.URL.EscapedPath())), zap.String("kind", kind), zap.Error(err))
 	if kind == upstream.KindTimeout {
 		errGatewayTimeout.write(w)
 		return
