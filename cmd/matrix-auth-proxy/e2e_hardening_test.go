@@ -173,21 +173,21 @@ func e2eRawRequest(t testing.TB, base, method, requestURI string, header http.He
 
 // e2eRelay is an HTTP relay between the proxy and Synapse on 127.0.0.1. It
 // forwards every request with its raw request line and records that line.
-// For POST …/logout it can hold Synapse's answer (holdLogout) or, once
-// Synapse has answered, close the connection without answering
-// (dropLogout); the forward to Synapse is not cancelled when the proxy
-// hangs up.
+// For a revoking call it watches (POST …/logout, POST …/delete_devices) it
+// can hold Synapse's answer (hold) or, once Synapse has answered, close the
+// connection without answering (drop); the forward to Synapse is not
+// cancelled when the proxy hangs up.
 type e2eRelay struct {
-	URL        string
-	target     *url.URL
-	transport  *http.Transport
-	holdLogout time.Duration
-	dropLogout bool
-	done       chan struct{} // closed at cleanup: stops holds
+	URL       string
+	target    *url.URL
+	transport *http.Transport
+	hold      time.Duration
+	drop      bool
+	done      chan struct{} // closed at cleanup: stops holds
 
 	mu       sync.Mutex
-	received []string // "METHOD request-URI", in order
-	logouts  int      // logouts Synapse has answered
+	received []string       // "METHOD request-URI", in order
+	answered map[string]int // by path: watched calls Synapse has answered
 }
 
 func e2eStartRelay(t testing.TB, synapseURL string, hold time.Duration, drop bool) *e2eRelay {
@@ -197,11 +197,12 @@ func e2eStartRelay(t testing.TB, synapseURL string, hold time.Duration, drop boo
 		t.Fatal(err)
 	}
 	r := &e2eRelay{
-		target:     target,
-		transport:  &http.Transport{DisableCompression: true},
-		holdLogout: hold,
-		dropLogout: drop,
-		done:       make(chan struct{}),
+		target:    target,
+		transport: &http.Transport{DisableCompression: true},
+		hold:      hold,
+		drop:      drop,
+		answered:  map[string]int{},
+		done:      make(chan struct{}),
 	}
 	srv := httptest.NewServer(r) // binds 127.0.0.1
 	r.URL = srv.URL
@@ -220,12 +221,17 @@ func (r *e2eRelay) Received() []string {
 	return slices.Clone(r.received)
 }
 
-// Logouts is how many POST …/logout Synapse has answered through the relay.
-func (r *e2eRelay) Logouts() int {
+// Answered is how many watched calls Synapse has answered through the
+// relay, by path suffix ("/logout", "/delete_devices").
+func (r *e2eRelay) Answered(suffix string) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.logouts
+	return r.answered[suffix]
 }
+
+// e2eRelayWatched are the path suffixes of the POSTs whose answers the
+// relay holds or drops.
+var e2eRelayWatched = []string{"/logout", "/delete_devices"}
 
 var e2eHopHeaders = []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Te", "Trailer", "Upgrade"}
 
@@ -234,7 +240,12 @@ func (r *e2eRelay) ServeHTTP(w http.ResponseWriter, in *http.Request) {
 	r.mu.Lock()
 	r.received = append(r.received, in.Method+" "+in.RequestURI)
 	r.mu.Unlock()
-	isLogout := in.Method == http.MethodPost && strings.HasSuffix(in.URL.Path, "/logout")
+	watched := ""
+	for _, suffix := range e2eRelayWatched {
+		if in.Method == http.MethodPost && strings.HasSuffix(in.URL.Path, suffix) {
+			watched = suffix
+		}
+	}
 
 	body, err := io.ReadAll(in.Body)
 	if err != nil {
@@ -242,8 +253,8 @@ func (r *e2eRelay) ServeHTTP(w http.ResponseWriter, in *http.Request) {
 		return
 	}
 	ctx := in.Context()
-	if isLogout {
-		// Synapse must get the whole logout even if the proxy hangs up.
+	if watched != "" {
+		// Synapse must get the whole call even if the proxy hangs up.
 		ctx = context.WithoutCancel(ctx)
 	}
 	out, err := http.NewRequestWithContext(ctx, in.Method, r.target.Scheme+"://"+r.target.Host+in.RequestURI, bytes.NewReader(body))
@@ -266,19 +277,19 @@ func (r *e2eRelay) ServeHTTP(w http.ResponseWriter, in *http.Request) {
 		http.Error(w, "relay: reading the answer: "+err.Error(), http.StatusBadGateway)
 		return
 	}
-	if isLogout {
+	if watched != "" {
 		r.mu.Lock()
-		r.logouts++
+		r.answered[watched]++
 		r.mu.Unlock()
-		if r.dropLogout {
-			// Synapse did the logout; the proxy never learns the outcome.
+		if r.drop {
+			// Synapse did the call; the proxy never learns the outcome.
 			if conn, _, err := http.NewResponseController(w).Hijack(); err == nil {
 				_ = conn.Close()
 			}
 			return
 		}
 		select {
-		case <-time.After(time.Until(arrived.Add(r.holdLogout))):
+		case <-time.After(time.Until(arrived.Add(r.hold))):
 		case <-r.done:
 		}
 	}
@@ -303,39 +314,85 @@ func TestE2EHardeningHangUp(t *testing.T) {
 	syn := e2eSharedSynapse(t)
 	syn.DumpOnFailure(t)
 
-	t.Run("client hangs up", func(t *testing.T) {
-		t.Parallel()
-		const hold, clientTimeout = 300 * time.Millisecond, 100 * time.Millisecond
-		relay := e2eStartRelay(t, syn.URL, hold, false)
-		px := e2eStartProxy(t, relay.URL, nil)
-		u := syn.Register(t, "hangup", false)
-		s := e2eLogin(t, syn.URL, u, nil)
-		e2ePrime(t, px, map[string]string{"S": s.Token})
-
-		ctx, cancel := context.WithTimeout(t.Context(), clientTimeout)
-		r, err := e2eTry(ctx, nil, http.MethodPost, px.URL+"/_matrix/client/v3/logout", s.Token, map[string]any{})
-		cancel()
-		if err == nil {
-			t.Fatalf("POST /logout answered %d %s within the client's %v; the relay should have held the answer for %v",
-				r.Status, r.Body, clientTimeout, hold)
-		}
-		t.Logf("client gave up on POST /logout as planned: %v", err)
-
-		e2eEventually(t, 5*time.Second, "Synapse has logged S out", func() string {
-			if d := e2eWhoami(t, syn.URL, s.Token); d.Status != http.StatusUnauthorized {
-				return fmt.Sprintf("Synapse still answers whoami %d %s (relay forwarded %d logouts)", d.Status, d.Body, relay.Logouts())
+	const hold, clientTimeout = 300 * time.Millisecond, 100 * time.Millisecond
+	for _, tc := range []struct {
+		name string
+		// prepare returns the revoking call of caller that revokes victim's
+		// token, as path and body; it may make earlier rounds (of
+		// user-interactive auth) itself.
+		prepare func(t *testing.T, px *e2eProxy, u *e2eUser, caller, victim *e2eSession) (string, map[string]any)
+		// self: the caller revokes its own token (victim is the caller).
+		self bool
+	}{
+		{
+			name: "logout",
+			prepare: func(*testing.T, *e2eProxy, *e2eUser, *e2eSession, *e2eSession) (string, map[string]any) {
+				return "/_matrix/client/v3/logout", map[string]any{}
+			},
+			self: true,
+		},
+		{
+			name: "delete_devices",
+			prepare: func(t *testing.T, px *e2eProxy, u *e2eUser, caller, victim *e2eSession) (string, map[string]any) {
+				const path = "/_matrix/client/v3/delete_devices"
+				body := map[string]any{"devices": []string{victim.DeviceID}}
+				// The first round of user-interactive auth, at leisure.
+				first := e2eDo(t, nil, http.MethodPost, px.URL+path, caller.Token, body)
+				session, _ := first.JSON(t)["session"].(string)
+				if first.Status != http.StatusUnauthorized || session == "" {
+					t.Fatalf("POST %s without auth: %d %s, want 401 with a UIA session", path, first.Status, first.Body)
+				}
+				body["auth"] = map[string]any{
+					"type":       "m.login.password",
+					"identifier": map[string]any{"type": "m.id.user", "user": u.Name},
+					"password":   u.Password,
+					"session":    session,
+				}
+				return path, body
+			},
+		},
+	} {
+		t.Run("client hangs up/"+tc.name, func(t *testing.T) {
+			t.Parallel()
+			relay := e2eStartRelay(t, syn.URL, hold, false)
+			px := e2eStartProxy(t, relay.URL, nil)
+			u := syn.Register(t, "hangup", false)
+			caller := e2eLogin(t, syn.URL, u, nil)
+			victim := caller
+			if !tc.self {
+				victim = e2eLogin(t, syn.URL, u, nil)
 			}
-			return ""
-		})
-		// The relay's held answer arrives hold after the request: the proxy
-		// must still be listening for it, and invalidate then.
-		e2eEventually(t, 2*time.Second, "the proxy drops S after the client hung up on its logout", func() string {
-			if r := e2eWhoami(t, px.URL, s.Token); r.Status != http.StatusUnauthorized {
-				return fmt.Sprintf("whoami via the proxy = %d %s, Synapse says 401: the client's hang-up cancelled the invalidation", r.Status, r.Body)
+			e2ePrime(t, px, map[string]string{"caller": caller.Token, "victim": victim.Token})
+
+			path, body := tc.prepare(t, px, u, caller, victim)
+			ctx, cancel := context.WithTimeout(t.Context(), clientTimeout)
+			_, err := e2eTry(ctx, nil, http.MethodPost, px.URL+path, caller.Token, body)
+			cancel()
+			if err == nil {
+				t.Fatalf("%s was answered within the client's %v; the relay should have held the answer for %v", tc.name, clientTimeout, hold)
 			}
-			return ""
+			t.Logf("client gave up on %s as planned: %v", tc.name, err)
+
+			e2eEventually(t, 5*time.Second, "Synapse has revoked the victim's token", func() string {
+				if d := e2eWhoami(t, syn.URL, victim.Token); d.Status != http.StatusUnauthorized {
+					return fmt.Sprintf("Synapse still answers whoami %d %s (it answered %d %s calls through the relay, which saw %q)",
+						d.Status, d.Body, relay.Answered("/"+tc.name), tc.name, relay.Received())
+				}
+				return ""
+			})
+			// The relay's held answer arrives hold after the request: the
+			// proxy must still be listening for it, and invalidate then.
+			e2eEventually(t, 2*time.Second, "the proxy drops the revoked token after the client hung up on "+tc.name, func() string {
+				if r := e2eWhoami(t, px.URL, victim.Token); r.Status != http.StatusUnauthorized {
+					return fmt.Sprintf("whoami via the proxy = %d %s, Synapse says 401: the client's hang-up cancelled the invalidation", r.Status, r.Body)
+				}
+				return ""
+			})
+			if !tc.self {
+				e2eCheckTokens(t, px, syn, map[string]*e2eSession{"caller": caller, "victim": victim}, []string{"victim"})
+			}
 		})
-	})
+	}
 
 	t.Run("answer lost", func(t *testing.T) {
 		t.Parallel()
@@ -352,7 +409,7 @@ func TestE2EHardeningHangUp(t *testing.T) {
 		if r.Status >= 200 && r.Status <= 299 {
 			t.Fatalf("POST /logout: the proxy answered %d although the relay sent no answer", r.Status)
 		}
-		if n := relay.Logouts(); n != 1 {
+		if n := relay.Answered("/logout"); n != 1 {
 			t.Fatalf("Synapse answered %d logouts through the relay, want 1", n)
 		}
 
