@@ -757,4 +757,21 @@ func TestE2EHardeningLockedUser(t *testing.T) {
 			"(the cached 200 must go with the 401)", got.Status, got.Body, direct.Status, direct.Body)
 	}
 	e2eWantServedFromCache(t, px, "V, another user's cached session", v.Token)
+
+	// The other side of the rule: the 401 that opens user-interactive auth
+	// (flows and session, no errcode) asks for a password and says nothing
+	// about the token.
+	w := e2eLogin(t, syn.URL, syn.Register(t, "uia", false), nil)
+	e2ePrime(t, px, map[string]string{"W": w.Token})
+	for _, c := range []struct{ method, path string }{
+		{http.MethodDelete, "/_matrix/client/v3/devices/" + e2ePath(w.DeviceID)},
+		{http.MethodPost, "/_matrix/client/v3/delete_devices"},
+		{http.MethodPost, "/_matrix/client/v3/account/password"},
+	} {
+		r := e2eDo(t, nil, c.method, px.URL+c.path, w.Token, map[string]any{"devices": []string{w.DeviceID}, "new_password": "unused"})
+		if m := r.JSON(t); r.Status != http.StatusUnauthorized || m["session"] == nil || m["flows"] == nil {
+			t.Fatalf("%s %s without auth: %d %s, the test expected a UIA challenge", c.method, c.path, r.Status, r.Body)
+		}
+		e2eWantServedFromCache(t, px, "W after the UIA challenge of "+c.method+" "+c.path, w.Token)
+	}
 }
