@@ -7,7 +7,7 @@ package main_test
 //
 // Some of them put e2eRelay between the proxy and Synapse: it records the raw
 // request line the proxy sent and can hold or drop Synapse's answer to a
-// POST …/logout.
+// revoking call (POST …/logout, POST …/delete_devices).
 
 import (
 	"bufio"
@@ -117,7 +117,7 @@ func e2eDoURL(t testing.TB, method string, u *url.URL, token string, body any) e
 	}
 	resp, err := e2eHTTP.Do(req)
 	if err != nil {
-		t.Fatalf("%s %s: %v", method, u, err)
+		t.Fatalf("%s %s (query not shown: it may hold a token): %v", method, u.Path, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
@@ -137,7 +137,8 @@ func e2eMustJSON(t testing.TB, v any) []byte {
 }
 
 // e2eRawRequest writes one HTTP/1.1 request line by hand, for a path Go's
-// client would not send as it is, and returns the status of the answer.
+// client might not send as it is (a literal dot segment), and returns the
+// answer.
 func e2eRawRequest(t testing.TB, base, method, requestURI string, header http.Header, body []byte) e2eResp {
 	t.Helper()
 	u, err := url.Parse(base)
@@ -304,8 +305,9 @@ func (r *e2eRelay) ServeHTTP(w http.ResponseWriter, in *http.Request) {
 
 // TestE2EHardeningHangUp: "A client that hangs up while its POST /logout (or
 // any revoking call) is on its way to the homeserver must not cancel the
-// invalidation." A relay holds Synapse's answer to the logout; the client
-// gives up before it arrives. Variant: the relay drops the connection after
+// invalidation." A relay holds Synapse's answer to a logout or a
+// delete_devices; the client gives up before it arrives, and the proxy must
+// still invalidate when the answer comes. Variant: the relay drops the connection after
 // Synapse logged out, so the proxy never learns the outcome; it must
 // invalidate as if the logout succeeded, for that session only.
 func TestE2EHardeningHangUp(t *testing.T) {
