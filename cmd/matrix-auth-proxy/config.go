@@ -106,11 +106,13 @@ func (c *Config) validate() error {
 	u, err := url.Parse(c.UpstreamURL)
 	switch {
 	case err != nil:
-		return &configError{"UPSTREAM_URL", fmt.Sprintf("%q is not a URL", c.UpstreamURL)}
+		// url.Parse quotes the URL in its errors: a password in it must
+		// not reach the log.
+		return &configError{"UPSTREAM_URL", "is not a URL"}
 	case u.Scheme != "http" && u.Scheme != "https", u.Host == "":
-		return &configError{"UPSTREAM_URL", fmt.Sprintf("%q must be http:// or https:// with a host, like http://127.0.0.1:8008", c.UpstreamURL)}
+		return &configError{"UPSTREAM_URL", fmt.Sprintf("%q must be http:// or https:// with a host, like http://127.0.0.1:8008", u.Redacted())}
 	case u.RawQuery != "" || u.Fragment != "" || u.User != nil:
-		return &configError{"UPSTREAM_URL", fmt.Sprintf("%q must not carry a query, fragment or user info", c.UpstreamURL)}
+		return &configError{"UPSTREAM_URL", fmt.Sprintf("%q must not carry a query, fragment or user info", u.Redacted())}
 	}
 	c.upstream = u
 	for _, a := range []struct{ name, val string }{{"LISTEN_ADDR", c.ListenAddr}, {"ADMIN_ADDR", c.AdminAddr}} {

@@ -81,6 +81,13 @@ func TestBadConfigExits2NamingTheVariable(t *testing.T) {
 			}
 		})
 	}
+	// The password of a bad UPSTREAM_URL is never echoed.
+	for _, bad := range []string{"http://u:hunter2@hs:8008", "ftp://u:hunter2@hs", "http://u:hunter2@hs:8008/%zz"} {
+		var out bytes.Buffer
+		if code := run(t.Context(), map[string]string{"UPSTREAM_URL": bad}, &out); code != 2 || strings.Contains(out.String(), "hunter2") {
+			t.Errorf("UPSTREAM_URL %s: exit %d, output %q", bad, code, out.String())
+		}
+	}
 	t.Run("same listen and admin address", func(t *testing.T) {
 		var out bytes.Buffer
 		if code := run(t.Context(), map[string]string{"LISTEN_ADDR": ":9090"}, &out); code != 2 || !strings.HasPrefix(strings.TrimPrefix(out.String(), "matrix-auth-proxy: invalid configuration: "), "ADMIN_ADDR") {
