@@ -636,3 +636,15 @@ func (c *Cache) LimitLifetime(id TokenID, notAfter time.Time) {
 		}
 	}
 }
+
+// Reasons of invalidations decided by another replica (package bus).
+const (
+	// ReasonBus labels invalidations decided by another replica. Their own
+	// reason is not used as a label: it comes off the network, and labels
+	// must stay a small fixed set.
+	ReasonBus Reason = "bus"
+	// ReasonBusResync labels flushes made because invalidations may have
+	// been missed: the subscription came back after a gap, the bus stayed
+	// down longer than its down TTL, or a peer lost some of its own.
+	ReasonBusResync Reason = "bus_resync"
+)

@@ -1,8 +1,13 @@
-package tokencache
+// Package bus shares a token cache's invalidations between replicas of the
+// proxy over Redis pub/sub.
+//
+// It talks to the cache (package tokencache) only through the methods any
+// caller uses (Apply, SetMaxTTL, Len) and is fed through the cache's
+// OnInvalidate hook; the cache itself knows nothing about the network.
+package bus
 
-// This file shares invalidations between replicas of the proxy over Redis
-// pub/sub. Redis is never on the request path: Publish only enqueues, and a
-// Bus that cannot reach Redis leaves the cache serving, with shorter
+// Redis is never on the request path: Publish only enqueues, and a Bus that
+// cannot reach Redis leaves the cache serving, with shorter
 // lifetimes (DownTTL) and a flush once it is back, since it may have missed
 // invalidations in between. Pub/sub delivers at most once and only to
 // subscribers connected at that moment; the flush after every gap is what
@@ -27,22 +32,12 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 	"go.uber.org/zap"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 )
 
-// DefaultBusChannel is the pub/sub channel of a BusConfig without one.
-const DefaultBusChannel = "matrix-auth-proxy:invalidate"
-
-// Reasons a Bus drops entries for.
-const (
-	// ReasonBus labels invalidations decided by another replica. Their own
-	// reason is not used as a label: it comes off the network, and labels
-	// must stay a small fixed set.
-	ReasonBus Reason = "bus"
-	// ReasonBusResync labels flushes made because invalidations may have
-	// been missed: the subscription came back after a gap, the bus stayed
-	// down longer than DownTTL, or a peer lost some of its own.
-	ReasonBusResync Reason = "bus_resync"
-)
+// DefaultChannel is the pub/sub channel of a Config without one.
+const DefaultChannel = "matrix-auth-proxy:invalidate"
 
 const (
 	busQueueSize = 1024
@@ -68,8 +63,8 @@ const (
 	dropMalformed     = "malformed"
 )
 
-// BusConfig is the behaviour of a Bus.
-type BusConfig struct {
+// Config is the behaviour of a Bus.
+type Config struct {
 	// URL is the Redis server: redis://[user:password@]host:port[/db] or
 	// rediss:// for TLS (go-redis ParseURL syntax, including its query
 	// options). It is never logged with its password.
@@ -77,7 +72,7 @@ type BusConfig struct {
 	// Password, if set, overrides the URL's password, so that it can come
 	// from a Secret instead of being part of the URL.
 	Password string
-	// Channel is the pub/sub channel; "" means DefaultBusChannel. Every
+	// Channel is the pub/sub channel; "" means DefaultChannel. Every
 	// replica of one deployment must use the same one, and a different one
 	// from other deployments sharing the Redis server.
 	Channel string
@@ -98,14 +93,14 @@ type BusConfig struct {
 // the same channel, and applies theirs. Wire Publish into the cache's
 // Config.OnInvalidate and run Run for as long as the cache is in use.
 type Bus struct {
-	cache   *Cache
+	cache   *tokencache.Cache
 	opts    *redis.Options
 	channel string
 	downTTL time.Duration
 	log     *zap.Logger
 	// from tells this instance's messages apart when they come back.
 	from  string
-	queue chan Invalidation
+	queue chan tokencache.Invalidation
 
 	up atomic.Bool
 	// owed is set when an invalidation of ours was lost on its way out:
@@ -125,22 +120,22 @@ type busMetrics struct {
 	up                                    prometheus.Gauge
 }
 
-// NewBus checks cfg and registers the bus metrics. It does not connect:
+// New checks cfg and registers the bus metrics. It does not connect:
 // Run does.
-func NewBus(cfg BusConfig, c *Cache) (*Bus, error) {
+func New(cfg Config, c *tokencache.Cache) (*Bus, error) {
 	if c == nil {
-		return nil, errors.New("tokencache: NewBus needs a Cache")
+		return nil, errors.New("bus: New needs a Cache")
 	}
 	if cfg.Registerer == nil {
-		return nil, errors.New("tokencache: BusConfig.Registerer is required")
+		return nil, errors.New("bus: Config.Registerer is required")
 	}
 	if cfg.DownTTL < 0 {
-		return nil, errors.New("tokencache: BusConfig.DownTTL must not be negative")
+		return nil, errors.New("bus: Config.DownTTL must not be negative")
 	}
 	opts, err := redis.ParseURL(cfg.URL)
 	if err != nil {
 		// go-redis errors quote the URL; never repeat a password.
-		return nil, errors.New("tokencache: BusConfig.URL is not a redis:// or rediss:// URL")
+		return nil, errors.New("bus: Config.URL is not a redis:// or rediss:// URL")
 	}
 	if cfg.Password != "" {
 		opts.Password = cfg.Password
@@ -163,10 +158,10 @@ func NewBus(cfg BusConfig, c *Cache) (*Bus, error) {
 		downTTL: cfg.DownTTL,
 		log:     cfg.Logger,
 		from:    fmt.Sprintf("%016x", rand.Uint64()),
-		queue:   make(chan Invalidation, busQueueSize),
+		queue:   make(chan tokencache.Invalidation, busQueueSize),
 	}
 	if b.channel == "" {
-		b.channel = DefaultBusChannel
+		b.channel = DefaultChannel
 	}
 	if b.log == nil {
 		b.log = zap.NewNop()
@@ -199,7 +194,7 @@ func (m *busMetrics) register(reg prometheus.Registerer) error {
 	})
 	for _, c := range []prometheus.Collector{m.published, m.received, m.applied, m.flushes, dropped, m.up} {
 		if err := reg.Register(c); err != nil {
-			return fmt.Errorf("tokencache: registering bus metrics: %w", err)
+			return fmt.Errorf("bus: registering metrics: %w", err)
 		}
 	}
 	return nil
@@ -209,7 +204,7 @@ func (m *busMetrics) register(reg prometheus.Registerer) error {
 // meant for Config.OnInvalidate, it runs on the request path, so when the
 // queue is full (Redis slower than the invalidations) the invalidation is
 // dropped, counted and, at most every ten seconds, warned about.
-func (b *Bus) Publish(inv Invalidation) {
+func (b *Bus) Publish(inv tokencache.Invalidation) {
 	select {
 	case b.queue <- inv:
 	default:
@@ -353,7 +348,7 @@ func (b *Bus) linkUp(l *link) {
 	// Our own losses are owed to the peers as a flush.
 	if b.owed.Swap(false) {
 		select {
-		case b.queue <- Invalidation{Scope: ScopeAll, Reason: ReasonBusResync}:
+		case b.queue <- tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: tokencache.ReasonBusResync}:
 		default:
 			b.owed.Store(true)
 		}
@@ -363,7 +358,7 @@ func (b *Bus) linkUp(l *link) {
 // resync flushes the cache, which may hold answers an unseen invalidation
 // concerned. Apply, not Flush: the peers need not follow.
 func (b *Bus) resync(why string) {
-	n := b.cache.Apply(Invalidation{Scope: ScopeAll, Reason: ReasonBusResync})
+	n := b.cache.Apply(tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: tokencache.ReasonBusResync})
 	b.m.flushes.Inc()
 	if why != "" {
 		b.log.Warn("cache flushed: "+why, zap.Int("entries", n), zap.Duration("down_cache_ttl", b.downTTL))
@@ -451,7 +446,7 @@ func (b *Bus) receive(payload string) {
 	if msg.From == b.from {
 		return
 	}
-	inv.Reason = ReasonBus
+	inv.Reason = tokencache.ReasonBus
 	n := b.cache.Apply(inv)
 	b.m.applied.Inc()
 	if ce := b.log.Check(zap.DebugLevel, "applied a peer's invalidation"); ce != nil {
@@ -462,7 +457,7 @@ func (b *Bus) receive(payload string) {
 // publishLoop sends queued invalidations until ctx is done.
 func (b *Bus) publishLoop(ctx context.Context, client *redis.Client) {
 	for {
-		var inv Invalidation
+		var inv tokencache.Invalidation
 		select {
 		case <-ctx.Done():
 			return
@@ -476,7 +471,7 @@ func (b *Bus) publishLoop(ctx context.Context, client *redis.Client) {
 		if !b.send(ctx, client, inv) {
 			continue
 		}
-		if b.owed.Swap(false) && !b.send(ctx, client, Invalidation{Scope: ScopeAll, Reason: ReasonBusResync}) {
+		if b.owed.Swap(false) && !b.send(ctx, client, tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: tokencache.ReasonBusResync}) {
 			b.owed.Store(true)
 		}
 	}
@@ -487,7 +482,7 @@ func (b *Bus) lost() {
 	b.owed.Store(true)
 }
 
-func (b *Bus) send(ctx context.Context, client *redis.Client, inv Invalidation) bool {
+func (b *Bus) send(ctx context.Context, client *redis.Client, inv tokencache.Invalidation) bool {
 	payload, err := encodeBusMessage(b.from, inv)
 	if err != nil {
 		b.log.Error("cannot encode an invalidation", zap.Error(err))
@@ -519,21 +514,21 @@ type busMessage struct {
 	Reason string `json:"reason,omitempty"`
 }
 
-var scopeNames = map[Scope]string{ScopeToken: "token", ScopeDevice: "device", ScopeUser: "user", ScopeAll: "all"}
+var scopeNames = map[tokencache.Scope]string{tokencache.ScopeToken: "token", tokencache.ScopeDevice: "device", tokencache.ScopeUser: "user", tokencache.ScopeAll: "all"}
 
-func encodeBusMessage(from string, inv Invalidation) (string, error) {
+func encodeBusMessage(from string, inv tokencache.Invalidation) (string, error) {
 	m := busMessage{V: busMessageVersion, From: from, Scope: scopeNames[inv.Scope], Reason: string(inv.Reason)}
 	switch inv.Scope {
-	case ScopeToken:
+	case tokencache.ScopeToken:
 		m.Token = hex.EncodeToString(inv.Token[:])
-	case ScopeDevice:
+	case tokencache.ScopeDevice:
 		m.UserID, m.DeviceID = inv.UserID, inv.DeviceID
-	case ScopeUser:
+	case tokencache.ScopeUser:
 		m.UserID = inv.UserID
-		if inv.Token != (TokenID{}) {
+		if inv.Token != (tokencache.TokenID{}) {
 			m.Token = hex.EncodeToString(inv.Token[:])
 		}
-	case ScopeAll:
+	case tokencache.ScopeAll:
 	default:
 		return "", fmt.Errorf("unknown scope %d", inv.Scope)
 	}
@@ -543,21 +538,21 @@ func encodeBusMessage(from string, inv Invalidation) (string, error) {
 
 // decodeBusMessage parses and checks a message. The Invalidation holds only
 // the fields its scope uses, and no Reason.
-func decodeBusMessage(payload string) (busMessage, Invalidation, error) {
+func decodeBusMessage(payload string) (busMessage, tokencache.Invalidation, error) {
 	var m busMessage
 	if len(payload) > busMaxMessage {
-		return m, Invalidation{}, fmt.Errorf("message of %d bytes, more than %d", len(payload), busMaxMessage)
+		return m, tokencache.Invalidation{}, fmt.Errorf("message of %d bytes, more than %d", len(payload), busMaxMessage)
 	}
 	if err := json.Unmarshal([]byte(payload), &m); err != nil {
-		return m, Invalidation{}, errors.New("not a JSON message object")
+		return m, tokencache.Invalidation{}, errors.New("not a JSON message object")
 	}
 	if m.V != busMessageVersion {
-		return m, Invalidation{}, fmt.Errorf("unsupported message version %d", m.V)
+		return m, tokencache.Invalidation{}, fmt.Errorf("unsupported message version %d", m.V)
 	}
 	if m.From == "" {
-		return m, Invalidation{}, errors.New("no sender")
+		return m, tokencache.Invalidation{}, errors.New("no sender")
 	}
-	var inv Invalidation
+	var inv tokencache.Invalidation
 	token := func(required bool) error {
 		if m.Token == "" && !required {
 			return nil
@@ -573,16 +568,16 @@ func decodeBusMessage(payload string) (busMessage, Invalidation, error) {
 	var err error
 	switch m.Scope {
 	case "token":
-		inv.Scope = ScopeToken
+		inv.Scope = tokencache.ScopeToken
 		err = token(true)
 	case "device":
-		inv.Scope = ScopeDevice
+		inv.Scope = tokencache.ScopeDevice
 		inv.UserID, inv.DeviceID = m.UserID, m.DeviceID
 		if m.UserID == "" {
 			err = errors.New("device scope without user_id")
 		}
 	case "user":
-		inv.Scope = ScopeUser
+		inv.Scope = tokencache.ScopeUser
 		inv.UserID = m.UserID
 		if m.UserID == "" {
 			err = errors.New("user scope without user_id")
@@ -590,12 +585,12 @@ func decodeBusMessage(payload string) (busMessage, Invalidation, error) {
 			err = token(false)
 		}
 	case "all":
-		inv.Scope = ScopeAll
+		inv.Scope = tokencache.ScopeAll
 	default:
 		err = errors.New("unknown scope")
 	}
 	if err != nil {
-		return m, Invalidation{}, err
+		return m, tokencache.Invalidation{}, err
 	}
 	return m, inv, nil
 }

@@ -1,4 +1,4 @@
-package tokencache
+package bus
 
 // Tests of the invalidation bus against a real redis-server, started by each
 // test on a free 127.0.0.1 port and killed when it ends. Without the binary
@@ -23,7 +23,111 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 )
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// clock is a settable time source, so no test sleeps to see an expiry.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *clock { return &clock{t: time.Unix(1_700_000_000, 0)} }
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// drops counts the entries a cache dropped, by reason.
+type drops struct {
+	mu sync.Mutex
+	n  map[tokencache.Reason]int
+}
+
+func (d *drops) add(r tokencache.Reason, n int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.n == nil {
+		d.n = map[tokencache.Reason]int{}
+	}
+	d.n[r] += n
+}
+
+func (d *drops) get(r tokencache.Reason) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.n[r]
+}
+
+// fixture is a cache on a settable clock, with the hash key every replica
+// of a test shares.
+type fixture struct {
+	c     *tokencache.Cache
+	clock *clock
+	drops *drops
+	h     *tokencache.Hasher
+}
+
+func newFixture(t *testing.T, mod func(*tokencache.Config)) *fixture {
+	t.Helper()
+	f := &fixture{clock: newClock(), drops: &drops{}}
+	cfg := tokencache.Config{
+		Size:          100,
+		TTL:           2 * time.Minute,
+		NegativeTTL:   10 * time.Second,
+		LookupTimeout: time.Second,
+		Now:           f.clock.Now,
+		OnDrop:        f.drops.add,
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	var err error
+	if f.c, err = tokencache.New(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if f.h, err = tokencache.NewHasher([]byte("0123456789abcdef0123456789abcdef")); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func positive(user, device string) tokencache.Answer {
+	return tokencache.Answer{Kind: tokencache.Positive, UserID: user, DeviceID: device,
+		Body: fmt.Sprintf(`{"user_id":%q,"device_id":%q}`, user, device)}
+}
+
+// fill resolves key with a fetch that returns a, and fails the test if the
+// fetch was not called.
+func (f *fixture) fill(t *testing.T, key tokencache.Key, a tokencache.Answer) {
+	t.Helper()
+	called := false
+	got, res, err := f.c.Resolve(t.Context(), key, func(context.Context) (tokencache.Answer, error) {
+		called = true
+		return a, nil
+	})
+	if err != nil || res != tokencache.Miss || !called || got.Kind != a.Kind {
+		t.Fatalf("fill: got %v, %v, %v, called=%v", got, res, err, called)
+	}
+}
+
+func (f *fixture) expect(t *testing.T, key tokencache.Key, want tokencache.Result) {
+	t.Helper()
+	if _, got := f.c.Get(key); got != want {
+		t.Errorf("Get: got %v, want %v", got, want)
+	}
+}
 
 // testRedis is a redis-server process of one test.
 type testRedis struct {
@@ -183,12 +287,12 @@ type busNode struct {
 func newBusNode(t *testing.T, url string, downTTL time.Duration) *busNode {
 	t.Helper()
 	n := &busNode{reg: prometheus.NewRegistry()}
-	n.fixture = newFixture(t, func(c *Config) {
+	n.fixture = newFixture(t, func(c *tokencache.Config) {
 		c.TTL = 10 * time.Minute
-		c.OnInvalidate = func(inv Invalidation) { n.bus.Publish(inv) }
+		c.OnInvalidate = func(inv tokencache.Invalidation) { n.bus.Publish(inv) }
 	})
 	var err error
-	if n.bus, err = NewBus(BusConfig{URL: url, DownTTL: downTTL, Registerer: n.reg}, n.c); err != nil {
+	if n.bus, err = New(Config{URL: url, DownTTL: downTTL, Registerer: n.reg}, n.c); err != nil {
 		t.Fatal(err)
 	}
 	done := make(chan struct{})
@@ -280,11 +384,11 @@ func TestBusSharesInvalidations(t *testing.T) {
 	b.waitUp(t, true, 10*time.Second)
 
 	h := a.h
-	aliceDev1 := h.Key(busTokens[0], Masquerade{})
-	aliceDev1Masq := h.Key(busTokens[0], Masquerade{UserID: "@alice:example.org", DeviceID: "DEV1"})
-	aliceDev2 := h.Key(busTokens[2], Masquerade{})
-	bobDev1 := h.Key(busTokens[3], Masquerade{})
-	entries := map[Key]Answer{
+	aliceDev1 := h.Key(busTokens[0], tokencache.Masquerade{})
+	aliceDev1Masq := h.Key(busTokens[0], tokencache.Masquerade{UserID: "@alice:example.org", DeviceID: "DEV1"})
+	aliceDev2 := h.Key(busTokens[2], tokencache.Masquerade{})
+	bobDev1 := h.Key(busTokens[3], tokencache.Masquerade{})
+	entries := map[tokencache.Key]tokencache.Answer{
 		aliceDev1:     positive("@alice:example.org", "DEV1"),
 		aliceDev1Masq: positive("@alice:example.org", "DEV1"),
 		aliceDev2:     positive("@alice:example.org", "DEV2"),
@@ -294,31 +398,31 @@ func TestBusSharesInvalidations(t *testing.T) {
 	published := 0
 	for _, tc := range []struct {
 		name       string
-		invalidate func(*Cache)
-		gone       []Key
+		invalidate func(*tokencache.Cache)
+		gone       []tokencache.Key
 	}{
-		{"token", func(c *Cache) { c.InvalidateToken(aliceDev1.Token, "logout") }, []Key{aliceDev1, aliceDev1Masq}},
-		{"device", func(c *Cache) { c.InvalidateDevice("@alice:example.org", "DEV2", "device") }, []Key{aliceDev2}},
-		{"user sparing a token", func(c *Cache) { c.InvalidateUser("@alice:example.org", aliceDev2.Token, "password") },
-			[]Key{aliceDev1, aliceDev1Masq}},
-		{"user", func(c *Cache) { c.InvalidateUser("@alice:example.org", TokenID{}, "deactivate") },
-			[]Key{aliceDev1, aliceDev1Masq, aliceDev2}},
-		{"all", func(c *Cache) { c.Flush("logout") }, []Key{aliceDev1, aliceDev1Masq, aliceDev2, bobDev1}},
+		{"token", func(c *tokencache.Cache) { c.InvalidateToken(aliceDev1.Token, "logout") }, []tokencache.Key{aliceDev1, aliceDev1Masq}},
+		{"device", func(c *tokencache.Cache) { c.InvalidateDevice("@alice:example.org", "DEV2", "device") }, []tokencache.Key{aliceDev2}},
+		{"user sparing a token", func(c *tokencache.Cache) { c.InvalidateUser("@alice:example.org", aliceDev2.Token, "password") },
+			[]tokencache.Key{aliceDev1, aliceDev1Masq}},
+		{"user", func(c *tokencache.Cache) { c.InvalidateUser("@alice:example.org", tokencache.TokenID{}, "deactivate") },
+			[]tokencache.Key{aliceDev1, aliceDev1Masq, aliceDev2}},
+		{"all", func(c *tokencache.Cache) { c.Flush("logout") }, []tokencache.Key{aliceDev1, aliceDev1Masq, aliceDev2, bobDev1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			for _, n := range []*busNode{a, b} {
-				n.c.Apply(Invalidation{Scope: ScopeAll, Reason: "test"})
+				n.c.Apply(tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: "test"})
 				for k, ans := range entries {
 					n.fill(t, k, ans)
 				}
 			}
 			appliedB := b.metric(t, mApplied)
-			dropsB := b.drops.get(ReasonBus)
+			dropsB := b.drops.get(tokencache.ReasonBus)
 
 			start := time.Now()
 			tc.invalidate(a.c)
 			published++
-			gone := func(k Key) bool { _, r := b.c.Get(k); return r == Miss }
+			gone := func(k tokencache.Key) bool { _, r := b.c.Get(k); return r == tokencache.Miss }
 			waitFor(t, time.Second, "invalidation applied on B", func() bool {
 				for _, k := range tc.gone {
 					if !gone(k) {
@@ -342,8 +446,8 @@ func TestBusSharesInvalidations(t *testing.T) {
 			if got := b.metric(t, mApplied) - appliedB; got != 1 {
 				t.Errorf("B applied %v messages, want 1", got)
 			}
-			if got := b.drops.get(ReasonBus) - dropsB; got != len(tc.gone) {
-				t.Errorf("B dropped %d entries with reason %q, want %d", got, ReasonBus, len(tc.gone))
+			if got := b.drops.get(tokencache.ReasonBus) - dropsB; got != len(tc.gone) {
+				t.Errorf("B dropped %d entries with reason %q, want %d", got, tokencache.ReasonBus, len(tc.gone))
 			}
 			// A hears its own message back and ignores it.
 			waitFor(t, time.Second, "A receiving its own echo", func() bool { return a.metric(t, mReceived) == float64(published) })
@@ -373,7 +477,7 @@ func TestBusIgnoresMalformedMessages(t *testing.T) {
 	rs := startTestRedis(t)
 	b := newBusNode(t, rs.URL(), time.Minute)
 	b.waitUp(t, true, 10*time.Second)
-	key := b.h.Key(busTokens[0], Masquerade{})
+	key := b.h.Key(busTokens[0], tokencache.Masquerade{})
 	b.fill(t, key, positive("@alice:example.org", "DEV1"))
 
 	raw := redis.NewClient(&redis.Options{Addr: rs.addr})
@@ -397,14 +501,14 @@ func TestBusIgnoresMalformedMessages(t *testing.T) {
 		`{"v":"1","from":"x","scope":"all"}`,
 	}
 	for _, p := range bad {
-		if err := raw.Publish(t.Context(), DefaultBusChannel, p).Err(); err != nil {
+		if err := raw.Publish(t.Context(), DefaultChannel, p).Err(); err != nil {
 			t.Fatal(err)
 		}
 	}
 	waitFor(t, 5*time.Second, "malformed messages counted", func() bool {
 		return b.metric(t, mDropped, "malformed") == float64(len(bad))
 	})
-	if _, r := b.c.Get(key); r != Hit {
+	if _, r := b.c.Get(key); r != tokencache.Hit {
 		t.Fatalf("a malformed message dropped an entry")
 	}
 	if got := b.metric(t, mApplied); got != 0 {
@@ -412,10 +516,10 @@ func TestBusIgnoresMalformedMessages(t *testing.T) {
 	}
 	// The bus is still working: a well-formed message from a peer applies.
 	good := `{"v":1,"from":"peer","scope":"token","token":"` + hexID + `","reason":"logout","future_field":true}`
-	if err := raw.Publish(t.Context(), DefaultBusChannel, good).Err(); err != nil {
+	if err := raw.Publish(t.Context(), DefaultChannel, good).Err(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "well-formed message applied", func() bool { _, r := b.c.Get(key); return r == Miss })
+	waitFor(t, 5*time.Second, "well-formed message applied", func() bool { _, r := b.c.Get(key); return r == tokencache.Miss })
 	if got, want := b.metric(t, mReceived), float64(len(bad)+1); got != want {
 		t.Errorf("received = %v, want %v", got, want)
 	}
@@ -434,10 +538,10 @@ func TestBusSurvivesRedisOutage(t *testing.T) {
 	a.waitUp(t, true, 10*time.Second)
 	b.waitUp(t, true, 10*time.Second)
 
-	beforeOutage := b.h.Key(busTokens[0], Masquerade{})
-	duringOutage := b.h.Key(busTokens[1], Masquerade{})
-	onA := a.h.Key(busTokens[2], Masquerade{})
-	afterOutage := b.h.Key(busTokens[3], Masquerade{})
+	beforeOutage := b.h.Key(busTokens[0], tokencache.Masquerade{})
+	duringOutage := b.h.Key(busTokens[1], tokencache.Masquerade{})
+	onA := a.h.Key(busTokens[2], tokencache.Masquerade{})
+	afterOutage := b.h.Key(busTokens[3], tokencache.Masquerade{})
 	b.fill(t, beforeOutage, positive("@alice:example.org", "DEV1"))
 	a.fill(t, onA, positive("@alice:example.org", "DEV2"))
 
@@ -452,11 +556,11 @@ func TestBusSurvivesRedisOutage(t *testing.T) {
 	// The cache keeps working, with positive answers clamped to downTTL.
 	b.fill(t, duringOutage, positive("@alice:example.org", "DEV1"))
 	b.clock.Advance(downTTL - time.Nanosecond)
-	b.expect(t, duringOutage, Hit)
+	b.expect(t, duringOutage, tokencache.Hit)
 	b.clock.Advance(time.Nanosecond)
-	b.expect(t, duringOutage, Miss)
+	b.expect(t, duringOutage, tokencache.Miss)
 	b.fill(t, duringOutage, positive("@alice:example.org", "DEV1"))
-	b.expect(t, beforeOutage, Hit) // stored before: its own TTL
+	b.expect(t, beforeOutage, tokencache.Hit) // stored before: its own TTL
 	// Local invalidations still work; the one that could not be published
 	// is counted, and owed to the peers as a flush.
 	if n := a.c.InvalidateToken(onA.Token, "logout"); n != 1 {
@@ -480,10 +584,10 @@ func TestBusSurvivesRedisOutage(t *testing.T) {
 	if got := a.metric(t, mFlushes); got != 1 {
 		t.Errorf("A flushes = %v, want 1", got)
 	}
-	b.expect(t, beforeOutage, Miss)
-	b.expect(t, duringOutage, Miss)
-	if got := b.drops.get(ReasonBusResync); got != 2 {
-		t.Errorf("B dropped %d entries for %q, want 2", got, ReasonBusResync)
+	b.expect(t, beforeOutage, tokencache.Miss)
+	b.expect(t, duringOutage, tokencache.Miss)
+	if got := b.drops.get(tokencache.ReasonBusResync); got != 2 {
+		t.Errorf("B dropped %d entries for %q, want 2", got, tokencache.ReasonBusResync)
 	}
 	// A lost an invalidation: once back, it tells the peers to flush (B
 	// gets it only if it resubscribed first; it flushed anyway). Then a
@@ -491,18 +595,18 @@ func TestBusSurvivesRedisOutage(t *testing.T) {
 	// drop what is filled next.
 	waitFor(t, 5*time.Second, "A publishing its resync", func() bool { return a.metric(t, mPublished) == 1 })
 	applied := b.metric(t, mApplied)
-	a.c.InvalidateUser("@nobody:example.org", TokenID{}, "deactivate")
+	a.c.InvalidateUser("@nobody:example.org", tokencache.TokenID{}, "deactivate")
 	waitFor(t, time.Second, "B applying the marker", func() bool { return b.metric(t, mApplied) > applied })
 
 	// The clamp is lifted: the cache's own TTL again.
 	b.fill(t, afterOutage, positive("@bob:example.org", "DEV1"))
 	b.clock.Advance(downTTL + time.Minute)
-	b.expect(t, afterOutage, Hit)
+	b.expect(t, afterOutage, tokencache.Hit)
 	// And the bus works again.
 	a.c.InvalidateDevice("@bob:example.org", "DEV1", "device")
 	waitFor(t, time.Second, "B applying A's invalidation after the outage", func() bool {
 		_, r := b.c.Get(afterOutage)
-		return r == Miss
+		return r == tokencache.Miss
 	})
 	mon.Stop()
 	traffic += mon.String()
@@ -538,7 +642,7 @@ func TestBusResyncAfterLostPublish(t *testing.T) {
 	b := newBusNode(t, rs.URL(), time.Minute)
 	a.waitUp(t, true, 10*time.Second)
 	b.waitUp(t, true, 10*time.Second)
-	bob := b.h.Key(busTokens[3], Masquerade{})
+	bob := b.h.Key(busTokens[3], tokencache.Masquerade{})
 	b.fill(t, bob, positive("@bob:example.org", "DEV1"))
 
 	// A loses one of its invalidations while B stays subscribed (a
@@ -546,7 +650,7 @@ func TestBusResyncAfterLostPublish(t *testing.T) {
 	// itself, so A's next publish that gets through is followed by a flush.
 	a.bus.lost()
 	a.c.InvalidateDevice("@alice:example.org", "DEV1", "device")
-	waitFor(t, time.Second, "B flushed by A's resync", func() bool { _, r := b.c.Get(bob); return r == Miss })
+	waitFor(t, time.Second, "B flushed by A's resync", func() bool { _, r := b.c.Get(bob); return r == tokencache.Miss })
 	waitFor(t, time.Second, "B applying both", func() bool { return b.metric(t, mApplied) == 2 })
 	// A counts a publish after PUBLISH returns, which can be after B
 	// applied it.
@@ -590,14 +694,14 @@ func TestBusFlushesWhenDownLongerThanDownTTL(t *testing.T) {
 
 	reg := prometheus.NewRegistry()
 	var bus *Bus
-	f := newFixture(t, func(c *Config) {
+	f := newFixture(t, func(c *tokencache.Config) {
 		c.TTL = 10 * time.Minute
-		c.OnInvalidate = func(inv Invalidation) { bus.Publish(inv) }
+		c.OnInvalidate = func(inv tokencache.Invalidation) { bus.Publish(inv) }
 	})
-	key := f.h.Key(busTokens[0], Masquerade{})
+	key := f.h.Key(busTokens[0], tokencache.Masquerade{})
 	f.fill(t, key, positive("@alice:example.org", "DEV1")) // stored at full TTL
 	logs := &logBuffer{}
-	bus, err = NewBus(BusConfig{URL: "redis://" + addr, DownTTL: 300 * time.Millisecond, Registerer: reg, Logger: logs.logger()}, f.c)
+	bus, err = New(Config{URL: "redis://" + addr, DownTTL: 300 * time.Millisecond, Registerer: reg, Logger: logs.logger()}, f.c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -607,7 +711,7 @@ func TestBusFlushesWhenDownLongerThanDownTTL(t *testing.T) {
 	go func() { defer close(done); bus.Run(ctx) }()
 
 	start := time.Now()
-	waitFor(t, 5*time.Second, "cache flushed after the down TTL", func() bool { _, r := f.c.Get(key); return r == Miss })
+	waitFor(t, 5*time.Second, "cache flushed after the down TTL", func() bool { _, r := f.c.Get(key); return r == tokencache.Miss })
 	if d := time.Since(start); d < 300*time.Millisecond {
 		t.Errorf("flushed after %v, before the down TTL", d)
 	}
@@ -634,43 +738,43 @@ func TestBusFlushesWhenDownLongerThanDownTTL(t *testing.T) {
 	// The clamp stays after Run returns: nothing is heard from peers.
 	f.fill(t, key, positive("@alice:example.org", "DEV1"))
 	f.clock.Advance(300*time.Millisecond - time.Nanosecond)
-	f.expect(t, key, Hit)
+	f.expect(t, key, tokencache.Hit)
 	f.clock.Advance(time.Nanosecond)
-	f.expect(t, key, Miss)
+	f.expect(t, key, tokencache.Miss)
 }
 
-func TestNewBusConfig(t *testing.T) {
+func TestNewConfig(t *testing.T) {
 	f := newFixture(t, nil)
-	for name, cfg := range map[string]BusConfig{
+	for name, cfg := range map[string]Config{
 		"no registerer":     {URL: "redis://127.0.0.1:6379"},
 		"not redis":         {URL: "http://127.0.0.1:6379", Registerer: prometheus.NewRegistry()},
 		"not a url":         {URL: "::", Registerer: prometheus.NewRegistry()},
 		"negative down ttl": {URL: "redis://127.0.0.1:6379", DownTTL: -time.Second, Registerer: prometheus.NewRegistry()},
 	} {
 		t.Run(name, func(t *testing.T) {
-			if _, err := NewBus(cfg, f.c); err == nil {
-				t.Error("NewBus accepted a bad config")
+			if _, err := New(cfg, f.c); err == nil {
+				t.Error("New accepted a bad config")
 			}
 		})
 	}
 	t.Run("no cache", func(t *testing.T) {
-		if _, err := NewBus(BusConfig{URL: "redis://127.0.0.1:6379", Registerer: prometheus.NewRegistry()}, nil); err == nil {
-			t.Error("NewBus accepted a nil cache")
+		if _, err := New(Config{URL: "redis://127.0.0.1:6379", Registerer: prometheus.NewRegistry()}, nil); err == nil {
+			t.Error("New accepted a nil cache")
 		}
 	})
 	t.Run("password never in errors", func(t *testing.T) {
-		_, err := NewBus(BusConfig{URL: "redis://:hunter2@127.0.0.1:6379/notadb", Registerer: prometheus.NewRegistry()}, f.c)
+		_, err := New(Config{URL: "redis://:hunter2@127.0.0.1:6379/notadb", Registerer: prometheus.NewRegistry()}, f.c)
 		if err == nil || strings.Contains(err.Error(), "hunter2") {
 			t.Errorf("got %v, want an error without the password", err)
 		}
 	})
 	t.Run("defaults and password override", func(t *testing.T) {
 		reg := prometheus.NewRegistry()
-		b, err := NewBus(BusConfig{URL: "rediss://:fromurl@redis.example.org:6380/2", Password: "fromsecret", Registerer: reg}, f.c)
+		b, err := New(Config{URL: "rediss://:fromurl@redis.example.org:6380/2", Password: "fromsecret", Registerer: reg}, f.c)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if b.channel != DefaultBusChannel || b.opts.Password != "fromsecret" || b.opts.TLSConfig == nil || b.opts.Addr != "redis.example.org:6380" {
+		if b.channel != DefaultChannel || b.opts.Password != "fromsecret" || b.opts.TLSConfig == nil || b.opts.Addr != "redis.example.org:6380" {
 			t.Errorf("channel %q, password %q, TLS %v, addr %q", b.channel, b.opts.Password, b.opts.TLSConfig != nil, b.opts.Addr)
 		}
 		// Registered, at their zero values, before anything happened.
@@ -682,7 +786,7 @@ func TestNewBusConfig(t *testing.T) {
 		if got := n.metric(t, mDropped, "queue_full"); got != 0 {
 			t.Errorf("queue_full = %v", got)
 		}
-		if _, err := NewBus(BusConfig{URL: "redis://127.0.0.1:6379", Registerer: reg}, f.c); err == nil {
+		if _, err := New(Config{URL: "redis://127.0.0.1:6379", Registerer: reg}, f.c); err == nil {
 			t.Error("a second bus registered the same metrics without an error")
 		}
 	})
@@ -691,7 +795,7 @@ func TestNewBusConfig(t *testing.T) {
 func TestBusPublishNeverBlocks(t *testing.T) {
 	f := newFixture(t, nil)
 	reg := prometheus.NewRegistry()
-	b, err := NewBus(BusConfig{URL: "redis://127.0.0.1:1", Registerer: reg}, f.c)
+	b, err := New(Config{URL: "redis://127.0.0.1:1", Registerer: reg}, f.c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -699,7 +803,7 @@ func TestBusPublishNeverBlocks(t *testing.T) {
 	// invalidations are dropped and counted, never waited for.
 	const extra = 10
 	for range busQueueSize + extra {
-		b.Publish(Invalidation{Scope: ScopeAll, Reason: "logout"})
+		b.Publish(tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: "logout"})
 	}
 	n := &busNode{bus: b, reg: reg}
 	if got := n.metric(t, mDropped, "queue_full"); got != extra {
@@ -708,20 +812,20 @@ func TestBusPublishNeverBlocks(t *testing.T) {
 }
 
 func TestBusMessageFormat(t *testing.T) {
-	id := TokenID{0xde, 0xad, 0xbe, 0xef, 15: 0x01}
+	id := tokencache.TokenID{0xde, 0xad, 0xbe, 0xef, 15: 0x01}
 	for _, tc := range []struct {
-		inv  Invalidation
+		inv  tokencache.Invalidation
 		want string
 	}{
-		{Invalidation{Scope: ScopeToken, Token: id, Reason: "logout"},
+		{tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: id, Reason: "logout"},
 			`{"v":1,"from":"me","scope":"token","token":"deadbeef000000000000000000000001","reason":"logout"}`},
-		{Invalidation{Scope: ScopeDevice, UserID: "@a:x", DeviceID: "D", Reason: "device"},
+		{tokencache.Invalidation{Scope: tokencache.ScopeDevice, UserID: "@a:x", DeviceID: "D", Reason: "device"},
 			`{"v":1,"from":"me","scope":"device","user_id":"@a:x","device_id":"D","reason":"device"}`},
-		{Invalidation{Scope: ScopeUser, UserID: "@a:x", Token: id, Reason: "password"},
+		{tokencache.Invalidation{Scope: tokencache.ScopeUser, UserID: "@a:x", Token: id, Reason: "password"},
 			`{"v":1,"from":"me","scope":"user","token":"deadbeef000000000000000000000001","user_id":"@a:x","reason":"password"}`},
-		{Invalidation{Scope: ScopeUser, UserID: "@a:x", Reason: "deactivate"},
+		{tokencache.Invalidation{Scope: tokencache.ScopeUser, UserID: "@a:x", Reason: "deactivate"},
 			`{"v":1,"from":"me","scope":"user","user_id":"@a:x","reason":"deactivate"}`},
-		{Invalidation{Scope: ScopeAll, Reason: "logout"},
+		{tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: "logout"},
 			`{"v":1,"from":"me","scope":"all","reason":"logout"}`},
 	} {
 		got, err := encodeBusMessage("me", tc.inv)
@@ -736,7 +840,7 @@ func TestBusMessageFormat(t *testing.T) {
 			t.Errorf("decode %s: got %+v from %q, %v; want %+v", got, inv, msg.From, err, want)
 		}
 	}
-	if _, err := encodeBusMessage("me", Invalidation{}); err == nil {
+	if _, err := encodeBusMessage("me", tokencache.Invalidation{}); err == nil {
 		t.Error("encoded an invalidation without a scope")
 	}
 }
