@@ -648,3 +648,9 @@ const (
 	// down longer than its down TTL, or a peer lost some of its own.
 	ReasonBusResync Reason = "bus_resync"
 )
+
+// ReasonUnknownToken labels passive invalidations: the homeserver answered
+// 401 for a token, so whatever was held for it goes. Package bus tells them
+// from explicit revocations by this reason (they may be coalesced, and
+// dropped first under overload), so callers must use this value for them.
+const ReasonUnknownToken Reason = "unknown_token"

@@ -6,8 +6,9 @@
 // OnInvalidate hook; the cache itself knows nothing about the network.
 package bus
 
-// Redis is never on the request path: Publish only enqueues, and a Bus that
-// cannot reach Redis leaves the cache serving, with shorter
+// Redis is never on the request path: Publish only enqueues (outbox.go says
+// in what order things leave, and what is done when too much waits), and a
+// Bus that cannot reach Redis leaves the cache serving, with shorter
 // lifetimes (DownTTL) and a flush once it is back, since it may have missed
 // invalidations in between. Pub/sub delivers at most once and only to
 // subscribers connected at that moment; the flush after every gap is what
@@ -40,8 +41,19 @@ import (
 const DefaultChannel = "matrix-auth-proxy:invalidate"
 
 const (
-	busQueueSize = 1024
-	// busMaxMessage bounds what is decoded; a real message is ~200 bytes.
+	// busQueueSize bounds the explicit revocations waiting to be
+	// published; busPassiveQueueSize the passive invalidations.
+	busQueueSize        = 1024
+	busPassiveQueueSize = 2048
+	// busPassiveBatch is the most passive invalidations in one message,
+	// and busPassiveInterval the least time between two such messages.
+	// Together they bound what a flood of made-up tokens costs Redis (at
+	// most 50 messages a second) and how many passive invalidations get
+	// through (5,000 a second; more are dropped).
+	busPassiveBatch    = 100
+	busPassiveInterval = 20 * time.Millisecond
+	// busMaxMessage bounds what is decoded; a message of one invalidation
+	// is ~200 bytes, a full passive batch ~3,600.
 	busMaxMessage = 4096
 	// busOpTimeout bounds dialing, a publish, and the wait for the
 	// subscription's confirmation.
@@ -53,14 +65,14 @@ const (
 	busHealthInterval = time.Second
 	busMinBackoff     = 100 * time.Millisecond
 	busMaxBackoff     = 10 * time.Second
-	busMessageVersion = 1
 )
 
 // Values of the dropped metric's reason label.
 const (
-	dropQueueFull     = "queue_full"
-	dropPublishFailed = "publish_failed"
-	dropMalformed     = "malformed"
+	dropQueueFull       = "queue_full"       // explicit, owed as a flush
+	dropPassiveOverflow = "passive_overflow" // passive, only counted
+	dropPublishFailed   = "publish_failed"   // owed as a flush
+	dropMalformed       = "malformed"        // incoming
 )
 
 // Config is the behaviour of a Bus.
@@ -99,14 +111,13 @@ type Bus struct {
 	downTTL time.Duration
 	log     *zap.Logger
 	// from tells this instance's messages apart when they come back.
-	from  string
-	queue chan tokencache.Invalidation
+	from string
+	out  *outbox
 
 	up atomic.Bool
-	// owed is set when an invalidation of ours was lost on its way out:
-	// peers may hold what it dropped, so they are told to flush as soon
-	// as a publish gets through.
-	owed atomic.Bool
+	// ups counts the times the link came up, so the publisher can tell
+	// that its backoff after a failure no longer applies.
+	ups atomic.Uint64
 	// lastQueueWarn (unix ns) rate-limits the queue-full warning.
 	lastQueueWarn   atomic.Int64
 	warnedMalformed atomic.Bool
@@ -116,7 +127,8 @@ type Bus struct {
 
 type busMetrics struct {
 	published, received, applied, flushes prometheus.Counter
-	queueFull, publishFailed, malformed   prometheus.Counter
+	queueFull, passiveOverflow            prometheus.Counter
+	publishFailed, malformed              prometheus.Counter
 	up                                    prometheus.Gauge
 }
 
@@ -158,7 +170,7 @@ func New(cfg Config, c *tokencache.Cache) (*Bus, error) {
 		downTTL: cfg.DownTTL,
 		log:     cfg.Logger,
 		from:    fmt.Sprintf("%016x", rand.Uint64()),
-		queue:   make(chan tokencache.Invalidation, busQueueSize),
+		out:     newOutbox(busQueueSize, busPassiveQueueSize),
 	}
 	if b.channel == "" {
 		b.channel = DefaultChannel
@@ -177,15 +189,16 @@ func (m *busMetrics) register(reg prometheus.Registerer) error {
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: "matrix_auth_proxy", Subsystem: "bus", Name: name, Help: help})
 	}
-	m.published = counter("messages_published_total", "Invalidations published to the other replicas.")
+	m.published = counter("messages_published_total", "Messages published to the other replicas: one per explicit invalidation or flush, one per batch of passive ones.")
 	m.received = counter("messages_received_total", "Messages received on the channel, this replica's own echoes and malformed ones included.")
-	m.applied = counter("messages_applied_total", "Invalidations of other replicas applied to the cache.")
+	m.applied = counter("messages_applied_total", "Messages of other replicas applied to the cache.")
 	m.flushes = counter("flushes_total", "Cache flushes because invalidations may have been missed (bus back after a gap, down longer than the down TTL, or a peer lost some).")
 	dropped := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "matrix_auth_proxy", Subsystem: "bus", Name: "messages_dropped_total",
-		Help: "Messages lost: queue_full and publish_failed (outgoing), malformed (incoming).",
+		Help: "Lost on the way: queue_full (an explicit invalidation found its queue full) and publish_failed (a message could not be published), both made up for by telling the peers to flush; passive_overflow (a passive invalidation found its set full: only counted); malformed (incoming messages).",
 	}, []string{"reason"})
 	m.queueFull = dropped.WithLabelValues(dropQueueFull)
+	m.passiveOverflow = dropped.WithLabelValues(dropPassiveOverflow)
 	m.publishFailed = dropped.WithLabelValues(dropPublishFailed)
 	m.malformed = dropped.WithLabelValues(dropMalformed)
 	m.up = prometheus.NewGauge(prometheus.GaugeOpts{
@@ -201,18 +214,22 @@ func (m *busMetrics) register(reg prometheus.Registerer) error {
 }
 
 // Publish hands an invalidation to the other replicas. It never blocks:
-// meant for Config.OnInvalidate, it runs on the request path, so when the
-// queue is full (Redis slower than the invalidations) the invalidation is
-// dropped, counted and, at most every ten seconds, warned about.
+// meant for Config.OnInvalidate, it runs on the request path. What waits is
+// bounded: an explicit revocation that finds its queue full (Redis slower
+// than the revocations, or down for long) makes the peers flush instead,
+// and is counted and, at most every ten seconds, warned about; a passive
+// one (tokencache.ReasonUnknownToken) that finds its set full is dropped
+// and counted (outbox.go says why that is safe).
 func (b *Bus) Publish(inv tokencache.Invalidation) {
-	select {
-	case b.queue <- inv:
-	default:
+	switch b.out.add(inv) {
+	case explicitOverflow:
 		b.m.queueFull.Inc()
 		now := time.Now().UnixNano()
 		if last := b.lastQueueWarn.Load(); now-last > int64(10*time.Second) && b.lastQueueWarn.CompareAndSwap(last, now) {
-			b.log.Warn("invalidation bus queue full: invalidations are not reaching the other replicas", zap.Int("queue", busQueueSize))
+			b.log.Warn("invalidation bus queue full: the other replicas will be told to flush", zap.Int("queue", busQueueSize))
 		}
+	case passiveOverflow:
+		b.m.passiveOverflow.Inc()
 	}
 }
 
@@ -345,14 +362,10 @@ func (b *Bus) linkUp(l *link) {
 		b.log.Info("invalidation bus up")
 	}
 	l.warned = false
-	// Our own losses are owed to the peers as a flush.
-	if b.owed.Swap(false) {
-		select {
-		case b.queue <- tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: tokencache.ReasonBusResync}:
-		default:
-			b.owed.Store(true)
-		}
-	}
+	// What waited while down (and the flush owed for our own losses, if
+	// any) can go now.
+	b.ups.Add(1)
+	b.out.signal()
 }
 
 // resync flushes the cache, which may hold answers an unseen invalidation
@@ -430,7 +443,7 @@ func isTimeout(err error) bool {
 // receive applies one message from the channel.
 func (b *Bus) receive(payload string) {
 	b.m.received.Inc()
-	msg, inv, err := decodeBusMessage(payload)
+	msg, invs, err := decodeBusMessage(payload)
 	if err != nil {
 		b.m.malformed.Inc()
 		// Only someone with access to Redis can send these, but a version
@@ -446,44 +459,117 @@ func (b *Bus) receive(payload string) {
 	if msg.From == b.from {
 		return
 	}
-	inv.Reason = tokencache.ReasonBus
-	n := b.cache.Apply(inv)
+	n := 0
+	for _, inv := range invs {
+		inv.Reason = tokencache.ReasonBus
+		n += b.cache.Apply(inv)
+	}
 	b.m.applied.Inc()
-	if ce := b.log.Check(zap.DebugLevel, "applied a peer's invalidation"); ce != nil {
-		ce.Write(zap.String("scope", msg.Scope), zap.String("peer_reason", msg.Reason), zap.String("from", msg.From), zap.Int("dropped", n))
+	if ce := b.log.Check(zap.DebugLevel, "applied a peer's invalidations"); ce != nil {
+		ce.Write(zap.String("scope", msg.Scope), zap.Int("invalidations", len(invs)), zap.String("peer_reason", msg.Reason),
+			zap.String("from", msg.From), zap.Int("dropped", n))
 	}
 }
 
-// publishLoop sends queued invalidations until ctx is done.
+// publishLoop sends what the outbox holds, while the link is up, until ctx
+// is done. While the link is down, invalidations wait (within the outbox's
+// bounds) rather than being lost: when it is back they reach the peers as
+// they were, not as a flush.
 func (b *Bus) publishLoop(ctx context.Context, client *redis.Client) {
-	for {
-		var inv tokencache.Invalidation
+	var (
+		nextPassive time.Time // passive messages are spaced out
+		retryAt     time.Time // after a failed publish, not before
+		backoff     = busMinBackoff
+		ups         = b.ups.Load()
+	)
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for ctx.Err() == nil {
+		wait := time.Duration(-1) // until woken
+		if b.up.Load() {
+			if u := b.ups.Load(); u != ups {
+				// A new link: the last one's failures say nothing of it.
+				ups, retryAt, backoff = u, time.Time{}, busMinBackoff
+			}
+			now := time.Now()
+			if now.Before(retryAt) {
+				wait = retryAt.Sub(now)
+			} else {
+				m, ok, waiting := b.out.take(!now.Before(nextPassive), busPassiveBatch)
+				if ok {
+					if m.passive != nil {
+						nextPassive = now.Add(busPassiveInterval)
+					}
+					if b.send(ctx, client, m) {
+						backoff = busMinBackoff
+					} else {
+						// Retrying at once would only hammer a Redis that
+						// refuses, or wait out more timeouts.
+						retryAt = time.Now().Add(backoff)
+						backoff = min(2*backoff, busMaxBackoff)
+					}
+					continue
+				}
+				if waiting {
+					wait = nextPassive.Sub(now)
+				}
+			}
+		}
+		var tick <-chan time.Time
+		if wait >= 0 {
+			timer.Reset(wait)
+			tick = timer.C
+		}
 		select {
 		case <-ctx.Done():
+		case <-b.out.wake:
+		case <-tick:
+		}
+		timer.Stop()
+	}
+	b.drain(client)
+}
+
+// drain publishes what is left when Run is told to stop, within one
+// timeout: the proxy stops the bus once its last requests are answered,
+// and their revocations must not end with the process.
+func (b *Bus) drain(client *redis.Client) {
+	ctx, cancel := context.WithTimeout(context.Background(), busOpTimeout)
+	defer cancel()
+	for {
+		m, ok, _ := b.out.take(true, busPassiveBatch)
+		if !ok {
 			return
-		case inv = <-b.queue:
 		}
-		if !b.up.Load() {
-			// Down: trying would only stall the queue on dial timeouts.
-			b.lost()
-			continue
-		}
-		if !b.send(ctx, client, inv) {
-			continue
-		}
-		if b.owed.Swap(false) && !b.send(ctx, client, tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: tokencache.ReasonBusResync}) {
-			b.owed.Store(true)
+		if !b.send(ctx, client, m) {
+			if n := b.out.len(); n > 0 {
+				b.log.Warn("stopping with invalidations the other replicas were not told of", zap.Int("waiting", n))
+			}
+			return
 		}
 	}
 }
 
+// lost records that invalidations of ours never reached the peers: peers
+// may hold what they dropped, so they are told to flush.
 func (b *Bus) lost() {
 	b.m.publishFailed.Inc()
-	b.owed.Store(true)
+	b.out.owe(tokencache.ReasonBusResync)
 }
 
-func (b *Bus) send(ctx context.Context, client *redis.Client, inv tokencache.Invalidation) bool {
-	payload, err := encodeBusMessage(b.from, inv)
+func (b *Bus) send(ctx context.Context, client *redis.Client, m batch) bool {
+	var payload string
+	var err error
+	if len(m.passive) > 1 {
+		payload, err = encodeBatch(b.from, tokencache.ReasonUnknownToken, m.passive)
+	} else {
+		inv := m.inv
+		if len(m.passive) == 1 {
+			// One alone goes in the format every version reads.
+			inv = tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: m.passive[0], Reason: tokencache.ReasonUnknownToken}
+		}
+		payload, err = encodeBusMessage(b.from, inv)
+	}
 	if err != nil {
 		b.log.Error("cannot encode an invalidation", zap.Error(err))
 		b.lost()
@@ -502,22 +588,36 @@ func (b *Bus) send(ctx context.Context, client *redis.Client, inv tokencache.Inv
 	return true
 }
 
-// busMessage is the wire format, version 1. Only IDs, never a token.
+// busMessage is the wire format. Only IDs, never a token.
+//
+// Version 1 carries one invalidation; every version reads it, so explicit
+// revocations and flushes always go as version 1. Version 2 carries a batch
+// of passive invalidations: scope "token", the IDs in Tokens, no Token.
+// Replicas older than version 2 drop it as malformed (counted, and warned
+// about once): during a rolling upgrade they miss only passive
+// invalidations, which a replica may miss anyway (see outbox.go).
 type busMessage struct {
-	V        int    `json:"v"`
-	From     string `json:"from"`
-	Scope    string `json:"scope"`
-	Token    string `json:"token,omitempty"` // hex TokenID
-	UserID   string `json:"user_id,omitempty"`
-	DeviceID string `json:"device_id,omitempty"`
+	V        int      `json:"v"`
+	From     string   `json:"from"`
+	Scope    string   `json:"scope"`
+	Token    string   `json:"token,omitempty"`  // hex TokenID
+	Tokens   []string `json:"tokens,omitempty"` // hex TokenIDs, version 2
+	UserID   string   `json:"user_id,omitempty"`
+	DeviceID string   `json:"device_id,omitempty"`
 	// Reason is the sender's, for logs; receivers apply ReasonBus.
 	Reason string `json:"reason,omitempty"`
 }
 
+const (
+	busMessageV1 = 1 // one invalidation
+	busMessageV2 = 2 // a batch of token invalidations
+)
+
 var scopeNames = map[tokencache.Scope]string{tokencache.ScopeToken: "token", tokencache.ScopeDevice: "device", tokencache.ScopeUser: "user", tokencache.ScopeAll: "all"}
 
+// encodeBusMessage encodes one invalidation, as version 1.
 func encodeBusMessage(from string, inv tokencache.Invalidation) (string, error) {
-	m := busMessage{V: busMessageVersion, From: from, Scope: scopeNames[inv.Scope], Reason: string(inv.Reason)}
+	m := busMessage{V: busMessageV1, From: from, Scope: scopeNames[inv.Scope], Reason: string(inv.Reason)}
 	switch inv.Scope {
 	case tokencache.ScopeToken:
 		m.Token = hex.EncodeToString(inv.Token[:])
@@ -536,40 +636,76 @@ func encodeBusMessage(from string, inv tokencache.Invalidation) (string, error) 
 	return string(b), err
 }
 
-// decodeBusMessage parses and checks a message. The Invalidation holds only
-// the fields its scope uses, and no Reason.
-func decodeBusMessage(payload string) (busMessage, tokencache.Invalidation, error) {
+// encodeBatch encodes invalidations of tokens, as version 2.
+func encodeBatch(from string, reason tokencache.Reason, ids []tokencache.TokenID) (string, error) {
+	if len(ids) == 0 {
+		return "", errors.New("empty batch")
+	}
+	m := busMessage{V: busMessageV2, From: from, Scope: "token", Tokens: make([]string, len(ids)), Reason: string(reason)}
+	for i, id := range ids {
+		m.Tokens[i] = hex.EncodeToString(id[:])
+	}
+	b, err := json.Marshal(m)
+	if err == nil && len(b) > busMaxMessage {
+		err = fmt.Errorf("batch of %d tokens is %d bytes, more than %d", len(ids), len(b), busMaxMessage)
+	}
+	return string(b), err
+}
+
+// decodeBusMessage parses and checks a message of either version. The
+// invalidations hold only the fields their scope uses, and no Reason.
+func decodeBusMessage(payload string) (busMessage, []tokencache.Invalidation, error) {
 	var m busMessage
 	if len(payload) > busMaxMessage {
-		return m, tokencache.Invalidation{}, fmt.Errorf("message of %d bytes, more than %d", len(payload), busMaxMessage)
+		return m, nil, fmt.Errorf("message of %d bytes, more than %d", len(payload), busMaxMessage)
 	}
 	if err := json.Unmarshal([]byte(payload), &m); err != nil {
-		return m, tokencache.Invalidation{}, errors.New("not a JSON message object")
+		return m, nil, errors.New("not a JSON message object")
 	}
-	if m.V != busMessageVersion {
-		return m, tokencache.Invalidation{}, fmt.Errorf("unsupported message version %d", m.V)
+	if m.From == "" && (m.V == busMessageV1 || m.V == busMessageV2) {
+		return m, nil, errors.New("no sender")
 	}
-	if m.From == "" {
-		return m, tokencache.Invalidation{}, errors.New("no sender")
+	switch m.V {
+	case busMessageV1:
+		inv, err := decodeV1(m)
+		if err != nil {
+			return m, nil, err
+		}
+		return m, []tokencache.Invalidation{inv}, nil
+	case busMessageV2:
+		if m.Scope != "token" || m.Token != "" || len(m.Tokens) == 0 {
+			return m, nil, errors.New("version 2 is a non-empty list of tokens")
+		}
+		invs := make([]tokencache.Invalidation, len(m.Tokens))
+		for i, t := range m.Tokens {
+			invs[i].Scope = tokencache.ScopeToken
+			if err := decodeTokenID(&invs[i].Token, t); err != nil {
+				return m, nil, err
+			}
+		}
+		return m, invs, nil
+	default:
+		return m, nil, fmt.Errorf("unsupported message version %d", m.V)
 	}
+}
+
+func decodeTokenID(id *tokencache.TokenID, s string) error {
+	if len(s) != 2*len(id) {
+		return errors.New("token is not a hex token ID")
+	}
+	if _, err := hex.Decode(id[:], []byte(s)); err != nil {
+		return errors.New("token is not a hex token ID")
+	}
+	return nil
+}
+
+func decodeV1(m busMessage) (tokencache.Invalidation, error) {
 	var inv tokencache.Invalidation
-	token := func(required bool) error {
-		if m.Token == "" && !required {
-			return nil
-		}
-		if len(m.Token) != 2*len(inv.Token) {
-			return errors.New("token is not a hex token ID")
-		}
-		if _, err := hex.Decode(inv.Token[:], []byte(m.Token)); err != nil {
-			return errors.New("token is not a hex token ID")
-		}
-		return nil
-	}
 	var err error
 	switch m.Scope {
 	case "token":
 		inv.Scope = tokencache.ScopeToken
-		err = token(true)
+		err = decodeTokenID(&inv.Token, m.Token)
 	case "device":
 		inv.Scope = tokencache.ScopeDevice
 		inv.UserID, inv.DeviceID = m.UserID, m.DeviceID
@@ -579,10 +715,11 @@ func decodeBusMessage(payload string) (busMessage, tokencache.Invalidation, erro
 	case "user":
 		inv.Scope = tokencache.ScopeUser
 		inv.UserID = m.UserID
-		if m.UserID == "" {
+		switch {
+		case m.UserID == "":
 			err = errors.New("user scope without user_id")
-		} else {
-			err = token(false)
+		case m.Token != "":
+			err = decodeTokenID(&inv.Token, m.Token)
 		}
 	case "all":
 		inv.Scope = tokencache.ScopeAll
@@ -590,7 +727,7 @@ func decodeBusMessage(payload string) (busMessage, tokencache.Invalidation, erro
 		err = errors.New("unknown scope")
 	}
 	if err != nil {
-		return m, tokencache.Invalidation{}, err
+		return tokencache.Invalidation{}, err
 	}
-	return m, inv, nil
+	return inv, nil
 }

@@ -7,11 +7,13 @@ package bus
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -286,6 +288,15 @@ type busNode struct {
 // Every node of a test shares the fixture's hash key, as replicas must.
 func newBusNode(t *testing.T, url string, downTTL time.Duration) *busNode {
 	t.Helper()
+	n := newIdleBusNode(t, url, downTTL)
+	n.run(t)
+	return n
+}
+
+// newIdleBusNode makes a replica whose bus is not running yet: what it
+// publishes waits until run.
+func newIdleBusNode(t *testing.T, url string, downTTL time.Duration) *busNode {
+	t.Helper()
 	n := &busNode{reg: prometheus.NewRegistry()}
 	n.fixture = newFixture(t, func(c *tokencache.Config) {
 		c.TTL = 10 * time.Minute
@@ -295,13 +306,18 @@ func newBusNode(t *testing.T, url string, downTTL time.Duration) *busNode {
 	if n.bus, err = New(Config{URL: url, DownTTL: downTTL, Registerer: n.reg}, n.c); err != nil {
 		t.Fatal(err)
 	}
+	return n
+}
+
+// run runs the node's bus until the test ends.
+func (n *busNode) run(t *testing.T) {
+	t.Helper()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		n.bus.Run(t.Context())
 	}()
 	t.Cleanup(func() { <-done }) // t.Context() is cancelled by then
-	return n
 }
 
 // metric returns the value of a bus metric by its exposed name (and reason
@@ -460,7 +476,7 @@ func TestBusSharesInvalidations(t *testing.T) {
 		})
 	}
 	for _, n := range []*busNode{a, b} {
-		for _, reason := range []string{"queue_full", "publish_failed", "malformed"} {
+		for _, reason := range []string{"queue_full", "passive_overflow", "publish_failed", "malformed"} {
 			if got := n.metric(t, mDropped, reason); got != 0 {
 				t.Errorf("dropped{reason=%q} = %v, want 0", reason, got)
 			}
@@ -488,6 +504,12 @@ func TestBusIgnoresMalformedMessages(t *testing.T) {
 		`not json`,
 		`[1,2,3]`,
 		`{"v":2,"from":"x","scope":"all"}`,
+		`{"v":3,"from":"x","scope":"all"}`,
+		`{"v":2,"from":"x","scope":"token","tokens":[]}`,
+		`{"v":2,"scope":"token","tokens":["` + hexID + `"]}`,
+		`{"v":2,"from":"x","scope":"token","token":"` + hexID + `","tokens":["` + hexID + `"]}`,
+		`{"v":2,"from":"x","scope":"token","tokens":["` + hexID + `","` + hexID[:30] + `"]}`,
+		`{"v":2,"from":"x","scope":"user","user_id":"@alice:example.org","tokens":["` + hexID + `"]}`,
 		`{"from":"x","scope":"all"}`,
 		`{"v":1,"scope":"all"}`,
 		`{"v":1,"from":"x","scope":"everything"}`,
@@ -561,14 +583,14 @@ func TestBusSurvivesRedisOutage(t *testing.T) {
 	b.expect(t, duringOutage, tokencache.Miss)
 	b.fill(t, duringOutage, positive("@alice:example.org", "DEV1"))
 	b.expect(t, beforeOutage, tokencache.Hit) // stored before: its own TTL
-	// Local invalidations still work; the one that could not be published
-	// is counted, and owed to the peers as a flush.
+	// Local invalidations still work; the one that cannot be published
+	// waits for the bus to be back.
 	if n := a.c.InvalidateToken(onA.Token, "logout"); n != 1 {
 		t.Fatalf("InvalidateToken on A during the outage dropped %d, want 1", n)
 	}
-	waitFor(t, 5*time.Second, "A counting the lost publish", func() bool {
-		return a.metric(t, mDropped, "publish_failed") == 1
-	})
+	if got := a.bus.out.len(); got != 1 {
+		t.Errorf("A holds %d invalidations while down, want 1", got)
+	}
 
 	start = time.Now()
 	rs.Start(t)
@@ -589,14 +611,15 @@ func TestBusSurvivesRedisOutage(t *testing.T) {
 	if got := b.drops.get(tokencache.ReasonBusResync); got != 2 {
 		t.Errorf("B dropped %d entries for %q, want 2", got, tokencache.ReasonBusResync)
 	}
-	// A lost an invalidation: once back, it tells the peers to flush (B
-	// gets it only if it resubscribed first; it flushed anyway). Then a
-	// marker through the same ordered path, so that a late resync cannot
-	// drop what is filled next.
-	waitFor(t, 5*time.Second, "A publishing its resync", func() bool { return a.metric(t, mPublished) == 1 })
-	applied := b.metric(t, mApplied)
-	a.c.InvalidateUser("@nobody:example.org", tokencache.TokenID{}, "deactivate")
-	waitFor(t, time.Second, "B applying the marker", func() bool { return b.metric(t, mApplied) > applied })
+	// What A decided while down goes out once it is back (B gets it only
+	// if it resubscribed first; it flushed anyway): nothing was lost, so
+	// nobody is told to flush.
+	waitFor(t, 5*time.Second, "A publishing what it held", func() bool { return a.metric(t, mPublished) == 1 })
+	for _, reason := range []string{"queue_full", "publish_failed"} {
+		if got := a.metric(t, mDropped, reason); got != 0 {
+			t.Errorf("A dropped{reason=%q} = %v, want 0", reason, got)
+		}
+	}
 
 	// The clamp is lifted: the cache's own TTL again.
 	b.fill(t, afterOutage, positive("@bob:example.org", "DEV1"))
@@ -610,8 +633,11 @@ func TestBusSurvivesRedisOutage(t *testing.T) {
 	})
 	mon.Stop()
 	traffic += mon.String()
-	if !strings.Contains(traffic, `\"scope\":\"all\",\"reason\":\"bus_resync\"`) {
-		t.Errorf("A's resync is not in the Redis traffic:\n%s", traffic)
+	if held := fmt.Sprintf(`\"token\":\"%x\",\"reason\":\"logout\"`, onA.Token[:]); !strings.Contains(traffic, held) {
+		t.Errorf("the invalidation A held is not in the Redis traffic:\n%s", traffic)
+	}
+	if strings.Contains(traffic, `\"scope\":\"all\"`) {
+		t.Errorf("a flush was published, though nothing was lost:\n%s", traffic)
 	}
 	assertNoRawTokens(t, traffic, "@bob:example.org")
 }
@@ -647,14 +673,16 @@ func TestBusResyncAfterLostPublish(t *testing.T) {
 
 	// A loses one of its invalidations while B stays subscribed (a
 	// partition on A's side, a publish timeout): B never sees that gap by
-	// itself, so A's next publish that gets through is followed by a flush.
+	// itself, so A tells it to flush, as soon as it can.
 	a.bus.lost()
-	a.c.InvalidateDevice("@alice:example.org", "DEV1", "device")
 	waitFor(t, time.Second, "B flushed by A's resync", func() bool { _, r := b.c.Get(bob); return r == tokencache.Miss })
-	waitFor(t, time.Second, "B applying both", func() bool { return b.metric(t, mApplied) == 2 })
+	waitFor(t, time.Second, "B applying it", func() bool { return b.metric(t, mApplied) == 1 })
 	// A counts a publish after PUBLISH returns, which can be after B
 	// applied it.
-	waitFor(t, time.Second, "A counting the invalidation and the resync", func() bool { return a.metric(t, mPublished) == 2 })
+	waitFor(t, time.Second, "A counting the resync", func() bool { return a.metric(t, mPublished) == 1 })
+	if got := a.metric(t, mDropped, "publish_failed"); got != 1 {
+		t.Errorf("publish_failed = %v, want 1", got)
+	}
 	if got := b.metric(t, mFlushes); got != 0 {
 		t.Errorf("B counted %v flushes of its own, want 0", got)
 	}
@@ -721,9 +749,11 @@ func TestBusFlushesWhenDownLongerThanDownTTL(t *testing.T) {
 	if n.metric(t, mUp) != 0 || bus.Up() {
 		t.Error("bus reported up with nothing listening")
 	}
-	// Publishing while down neither blocks nor leaks a token: it is counted.
+	// Publishing while down neither blocks nor leaks a token: it waits.
 	f.c.InvalidateToken(key.Token, "logout")
-	waitFor(t, 5*time.Second, "lost publish counted", func() bool { return n.metric(t, mDropped, "publish_failed") == 1 })
+	if got := bus.out.len(); got != 1 {
+		t.Errorf("%d invalidations wait, want 1", got)
+	}
 
 	// Let it retry a few times: one warning per outage, not one per retry.
 	waitFor(t, 5*time.Second, "a few retries", func() bool { return time.Since(start) > time.Second })
@@ -743,7 +773,7 @@ func TestBusFlushesWhenDownLongerThanDownTTL(t *testing.T) {
 	f.expect(t, key, tokencache.Miss)
 }
 
-func TestNewConfig(t *testing.T) {
+func TestNew(t *testing.T) {
 	f := newFixture(t, nil)
 	for name, cfg := range map[string]Config{
 		"no registerer":     {URL: "redis://127.0.0.1:6379"},
@@ -783,6 +813,20 @@ func TestNewConfig(t *testing.T) {
 		if len(mfs) != 6 {
 			t.Errorf("%d metric families registered, want 6", len(mfs))
 		}
+		mfs, _ = reg.Gather()
+		for _, mf := range mfs {
+			if mf.GetName() != mDropped {
+				continue
+			}
+			var reasons []string
+			for _, m := range mf.GetMetric() {
+				reasons = append(reasons, m.GetLabel()[0].GetValue())
+			}
+			slices.Sort(reasons)
+			if want := []string{"malformed", "passive_overflow", "publish_failed", "queue_full"}; !slices.Equal(reasons, want) {
+				t.Errorf("dropped reasons registered: %v, want %v", reasons, want)
+			}
+		}
 		if got := n.metric(t, mDropped, "queue_full"); got != 0 {
 			t.Errorf("queue_full = %v", got)
 		}
@@ -793,21 +837,48 @@ func TestNewConfig(t *testing.T) {
 }
 
 func TestBusPublishNeverBlocks(t *testing.T) {
-	f := newFixture(t, nil)
-	reg := prometheus.NewRegistry()
-	b, err := New(Config{URL: "redis://127.0.0.1:1", Registerer: reg}, f.c)
-	if err != nil {
-		t.Fatal(err)
+	passive := func(i int) tokencache.Invalidation {
+		return tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: madeUpToken(i), Reason: tokencache.ReasonUnknownToken}
 	}
-	// Nothing drains the queue (Run is not running): past its size,
-	// invalidations are dropped and counted, never waited for.
+	explicit := func(i int) tokencache.Invalidation {
+		return tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: madeUpToken(i), Reason: "logout"}
+	}
 	const extra = 10
-	for range busQueueSize + extra {
-		b.Publish(tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: "logout"})
-	}
-	n := &busNode{bus: b, reg: reg}
-	if got := n.metric(t, mDropped, "queue_full"); got != extra {
-		t.Errorf("queue_full = %v, want %d", got, extra)
+	for _, tc := range []struct {
+		name                      string
+		n                         int
+		inv                       func(int) tokencache.Invalidation
+		queueFull, passiveDropped float64
+		waiting                   int
+	}{
+		// Past its bound, the explicit queue is replaced by a flush.
+		{"explicit", busQueueSize + extra, explicit, 1, 0, 1},
+		// Past its bound, passives are dropped.
+		{"passive", busPassiveQueueSize + extra, passive, 0, extra, busPassiveQueueSize},
+		{"passive, one token", busPassiveQueueSize + extra, func(int) tokencache.Invalidation { return passive(0) }, 0, 0, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t, nil)
+			reg := prometheus.NewRegistry()
+			b, err := New(Config{URL: "redis://127.0.0.1:1", Registerer: reg}, f.c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Nothing drains the outbox (Run is not running).
+			for i := range tc.n {
+				b.Publish(tc.inv(i))
+			}
+			n := &busNode{bus: b, reg: reg}
+			if got := n.metric(t, mDropped, "queue_full"); got != tc.queueFull {
+				t.Errorf("queue_full = %v, want %v", got, tc.queueFull)
+			}
+			if got := n.metric(t, mDropped, "passive_overflow"); got != tc.passiveDropped {
+				t.Errorf("passive_overflow = %v, want %v", got, tc.passiveDropped)
+			}
+			if got := b.out.len(); got != tc.waiting {
+				t.Errorf("%d waiting, want %d", got, tc.waiting)
+			}
+		})
 	}
 }
 
@@ -833,15 +904,50 @@ func TestBusMessageFormat(t *testing.T) {
 			t.Errorf("encode %+v:\n got %s, %v\nwant %s", tc.inv, got, err, tc.want)
 			continue
 		}
-		msg, inv, err := decodeBusMessage(got)
+		msg, invs, err := decodeBusMessage(got)
 		want := tc.inv
 		want.Reason = ""
-		if err != nil || inv != want || msg.From != "me" || msg.Reason != string(tc.inv.Reason) {
-			t.Errorf("decode %s: got %+v from %q, %v; want %+v", got, inv, msg.From, err, want)
+		if err != nil || len(invs) != 1 || invs[0] != want || msg.From != "me" || msg.Reason != string(tc.inv.Reason) {
+			t.Errorf("decode %s: got %+v from %q, %v; want %+v", got, invs, msg.From, err, want)
 		}
 	}
 	if _, err := encodeBusMessage("me", tokencache.Invalidation{}); err == nil {
 		t.Error("encoded an invalidation without a scope")
+	}
+}
+
+func TestBusBatchFormat(t *testing.T) {
+	ids := []tokencache.TokenID{{0xde, 0xad, 0xbe, 0xef, 15: 0x01}, {15: 0x02}}
+	got, err := encodeBatch("me", tokencache.ReasonUnknownToken, ids)
+	want := `{"v":2,"from":"me","scope":"token","tokens":["deadbeef000000000000000000000001","00000000000000000000000000000002"],"reason":"unknown_token"}`
+	if err != nil || got != want {
+		t.Fatalf("encode:\n got %s, %v\nwant %s", got, err, want)
+	}
+	msg, invs, err := decodeBusMessage(got)
+	if err != nil || msg.From != "me" || len(invs) != len(ids) {
+		t.Fatalf("decode %s: %+v from %q, %v", got, invs, msg.From, err)
+	}
+	for i, inv := range invs {
+		if want := (tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: ids[i]}); inv != want {
+			t.Errorf("invalidation %d: got %+v, want %+v", i, inv, want)
+		}
+	}
+	// A full batch from a sender with the longest ID this code makes fits
+	// in what receivers accept.
+	full := make([]tokencache.TokenID, busPassiveBatch)
+	for i := range full {
+		full[i] = madeUpToken(i)
+	}
+	if p, err := encodeBatch(fmt.Sprintf("%016x", ^uint64(0)), tokencache.ReasonUnknownToken, full); err != nil {
+		t.Errorf("a full batch: %v", err)
+	} else if _, invs, err := decodeBusMessage(p); err != nil || len(invs) != busPassiveBatch {
+		t.Errorf("a full batch of %d bytes decodes to %d invalidations, %v", len(p), len(invs), err)
+	}
+	if _, err := encodeBatch("me", tokencache.ReasonUnknownToken, nil); err == nil {
+		t.Error("encoded an empty batch")
+	}
+	if _, err := encodeBatch("me", tokencache.ReasonUnknownToken, make([]tokencache.TokenID, 2*busPassiveBatch)); err == nil {
+		t.Error("encoded a batch larger than receivers accept")
 	}
 }
 
@@ -853,19 +959,250 @@ func FuzzBusMessage(f *testing.F) {
 	f.Add(`{"v":1,"from":"a","scope":"device","user_id":"@a:x","device_id":"D"}`)
 	f.Add(`{"v":1,"from":"a","scope":"all"}`)
 	f.Add(`{"v":2}`)
+	f.Add(`{"v":2,"from":"a","scope":"token","tokens":["deadbeef000000000000000000000001","00000000000000000000000000000002"]}`)
+	f.Add(`{"v":2,"from":"a","scope":"token","tokens":[]}`)
 	f.Add(`null`)
 	f.Fuzz(func(t *testing.T, payload string) {
-		msg, inv, err := decodeBusMessage(payload)
+		msg, invs, err := decodeBusMessage(payload)
 		if err != nil {
 			return
 		}
-		again, err := encodeBusMessage(msg.From, inv)
-		if err != nil {
-			t.Fatalf("accepted %q but cannot encode %+v: %v", payload, inv, err)
+		if len(invs) == 0 || len(invs) > busMaxMessage/32 {
+			t.Fatalf("accepted %q as %d invalidations", payload, len(invs))
 		}
-		_, inv2, err := decodeBusMessage(again)
-		if err != nil || inv2 != inv {
-			t.Fatalf("round trip of %q: %+v then %+v, %v", payload, inv, inv2, err)
+		var again string
+		if msg.V == busMessageV2 {
+			ids := make([]tokencache.TokenID, len(invs))
+			for i, inv := range invs {
+				if inv.Scope != tokencache.ScopeToken {
+					t.Fatalf("accepted %q as %+v", payload, inv)
+				}
+				ids[i] = inv.Token
+			}
+			again, err = encodeBatch(msg.From, tokencache.Reason(msg.Reason), ids)
+		} else {
+			if len(invs) != 1 {
+				t.Fatalf("accepted %q (version %d) as %d invalidations", payload, msg.V, len(invs))
+			}
+			again, err = encodeBusMessage(msg.From, invs[0])
+		}
+		if len(again) > busMaxMessage {
+			return // json.Marshal escapes what the sender may not have (<, >, &)
+		}
+		if err != nil {
+			t.Fatalf("accepted %q but cannot encode %+v: %v", payload, invs, err)
+		}
+		_, invs2, err := decodeBusMessage(again)
+		if err != nil || !slices.Equal(invs2, invs) {
+			t.Fatalf("round trip of %q: %+v then %+v, %v", payload, invs, invs2, err)
 		}
 	})
+}
+
+// channelLog records every message published on the default channel, seen
+// by a plain subscriber, until the test ends.
+type channelLog struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func watchChannel(t *testing.T, addr string) *channelLog {
+	t.Helper()
+	c := redis.NewClient(&redis.Options{Addr: addr})
+	ps := c.Subscribe(t.Context(), DefaultChannel)
+	if _, err := ps.Receive(t.Context()); err != nil { // the confirmation
+		t.Fatal(err)
+	}
+	l := &channelLog{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for m := range ps.Channel() {
+			l.mu.Lock()
+			l.msgs = append(l.msgs, m.Payload)
+			l.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ps.Close()
+		<-done
+		c.Close()
+	})
+	return l
+}
+
+func (l *channelLog) messages() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.msgs...)
+}
+
+// countContaining returns how many messages contain s.
+func (l *channelLog) countContaining(s string) int {
+	n := 0
+	for _, m := range l.messages() {
+		if strings.Contains(m, s) {
+			n++
+		}
+	}
+	return n
+}
+
+// madeUpToken is the ID of the i-th token of a flood of made-up ones.
+func madeUpToken(i int) tokencache.TokenID {
+	var id tokencache.TokenID
+	copy(id[:], "madeup")
+	binary.BigEndian.PutUint64(id[8:], uint64(i))
+	return id
+}
+
+// A flood of passive invalidations (a spray of made-up tokens, each
+// answered 401) must never cost an explicit one: every logout reaches the
+// peer as itself, with no flush needed.
+func TestBusExplicitInvalidationsOutrunPassiveFlood(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	rs := startTestRedis(t)
+	a := newBusNode(t, rs.URL(), time.Minute)
+	b := newBusNode(t, rs.URL(), time.Minute)
+	a.waitUp(t, true, 10*time.Second)
+	b.waitUp(t, true, 10*time.Second)
+
+	const explicit, flood = 40, 40_000
+	var logouts []tokencache.Key
+	for i := range explicit {
+		k := b.h.Key(fmt.Sprintf("syt_RAWTOKEN_user%d_dev_Zq8XfA", i), tokencache.Masquerade{})
+		b.fill(t, k, positive(fmt.Sprintf("@user%d:example.org", i), "DEV"))
+		logouts = append(logouts, k)
+	}
+	bystander := b.h.Key(busTokens[3], tokencache.Masquerade{})
+	b.fill(t, bystander, positive("@bob:example.org", "DEV1"))
+
+	for i := range flood {
+		a.c.InvalidateToken(madeUpToken(i), tokencache.ReasonUnknownToken)
+		if i%(flood/explicit) == flood/explicit/2 {
+			a.c.InvalidateToken(logouts[i/(flood/explicit)].Token, "logout")
+		}
+	}
+	waitFor(t, 5*time.Second, "every logout applied on B", func() bool {
+		for _, k := range logouts {
+			if _, r := b.c.Get(k); r != tokencache.Miss {
+				return false
+			}
+		}
+		return true
+	})
+	// Each arrived as itself: B dropped exactly those, no flush.
+	b.expect(t, bystander, tokencache.Hit)
+	if got := b.drops.get(tokencache.ReasonBus); got != explicit {
+		t.Errorf("B dropped %d entries for its peer, want %d", got, explicit)
+	}
+	if got := a.metric(t, mDropped, "queue_full"); got != 0 {
+		t.Errorf("A lost %v explicit invalidations (queue_full)", got)
+	}
+	// The premise: the flood was more than the bus would carry.
+	if got := a.metric(t, mDropped, "passive_overflow"); got == 0 {
+		t.Errorf("the flood of %d passive invalidations never overflowed", flood)
+	}
+	if got := a.metric(t, mPublished); got >= flood/10 {
+		t.Errorf("A published %v messages for %d invalidations: not batched", got, flood+explicit)
+	}
+}
+
+// Explicit invalidations that do not fit in the queue are owed to the peers
+// as a flush: a burst of them faster than Redis takes them costs the peers
+// their caches, never a revocation.
+func TestBusExplicitOverflowFlushesPeers(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	rs := startTestRedis(t)
+	a := newBusNode(t, rs.URL(), time.Minute)
+	b := newBusNode(t, rs.URL(), time.Minute)
+	a.waitUp(t, true, 10*time.Second)
+	b.waitUp(t, true, 10*time.Second)
+
+	const revocations, burst = 50, 8 * busQueueSize
+	var revoked []tokencache.Key
+	for i := range revocations {
+		k := b.h.Key(fmt.Sprintf("syt_RAWTOKEN_user%d_dev_Zq8XfA", i), tokencache.Masquerade{})
+		b.fill(t, k, positive(fmt.Sprintf("@user%d:example.org", i), "DEV"))
+		revoked = append(revoked, k)
+	}
+	bystander := b.h.Key(busTokens[3], tokencache.Masquerade{})
+	b.fill(t, bystander, positive("@bob:example.org", "DEV1"))
+
+	for i := range burst {
+		a.c.InvalidateDevice(fmt.Sprintf("@nobody%d:example.org", i), "DEV", "device")
+		if i%(burst/revocations) == burst/revocations/2 {
+			a.c.InvalidateToken(revoked[i/(burst/revocations)].Token, "logout")
+		}
+	}
+	waitFor(t, 5*time.Second, "B dropping every revoked token", func() bool {
+		for _, k := range revoked {
+			if _, r := b.c.Get(k); r != tokencache.Miss {
+				return false
+			}
+		}
+		return true
+	})
+	// The premise: the burst overflowed; and what made up for it was a flush.
+	if got := a.metric(t, mDropped, "queue_full"); got == 0 {
+		t.Fatalf("a burst of %d invalidations never overflowed the queue", burst)
+	}
+	b.expect(t, bystander, tokencache.Miss)
+	if got := b.metric(t, mFlushes); got != 0 {
+		t.Errorf("B counted %v flushes of its own, want 0 (it applied its peer's)", got)
+	}
+}
+
+// Passive invalidations of one token waiting to be published are one.
+func TestBusCoalescesPassiveInvalidations(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	rs := startTestRedis(t)
+	ch := watchChannel(t, rs.addr)
+	b := newBusNode(t, rs.URL(), time.Minute)
+	b.waitUp(t, true, 10*time.Second)
+	dead := b.h.Key(busTokens[0], tokencache.Masquerade{})
+	b.fill(t, dead, positive("@alice:example.org", "DEV1"))
+
+	a := newIdleBusNode(t, rs.URL(), time.Minute)
+	const n = 500
+	for range n {
+		a.c.InvalidateToken(dead.Token, tokencache.ReasonUnknownToken)
+	}
+	a.run(t)
+	waitFor(t, 5*time.Second, "B dropping the dead token", func() bool { _, r := b.c.Get(dead); return r == tokencache.Miss })
+	waitFor(t, time.Second, "A counting its publish", func() bool { return a.metric(t, mPublished) >= 1 })
+	hexID := fmt.Sprintf("%x", dead.Token[:])
+	if got := ch.countContaining(hexID); got != 1 {
+		t.Errorf("%d passive invalidations of one token went out as %d messages, want 1:\n%s", n, got, strings.Join(ch.messages(), "\n"))
+	}
+	if got := a.metric(t, mPublished); got != 1 {
+		t.Errorf("A published %v messages, want 1", got)
+	}
+}
+
+// What waits when the bus is stopped (the proxy stops it once its last
+// requests are answered) still goes out.
+func TestBusPublishesWhatWaitsWhenStopped(t *testing.T) {
+	t.Cleanup(func() { goleak.VerifyNone(t) })
+	rs := startTestRedis(t)
+	b := newBusNode(t, rs.URL(), time.Minute)
+	b.waitUp(t, true, 10*time.Second)
+	revoked := b.h.Key(busTokens[0], tokencache.Masquerade{})
+	b.fill(t, revoked, positive("@alice:example.org", "DEV1"))
+
+	a := newIdleBusNode(t, rs.URL(), time.Minute)
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { defer close(done); a.bus.Run(ctx) }()
+	a.waitUp(t, true, 10*time.Second)
+	for i := range 200 {
+		a.c.InvalidateDevice(fmt.Sprintf("@nobody%d:example.org", i), "DEV", "device")
+	}
+	a.c.InvalidateToken(revoked.Token, "logout")
+	cancel()
+	<-done
+	waitFor(t, 5*time.Second, "B dropping the token revoked last", func() bool { _, r := b.c.Get(revoked); return r == tokencache.Miss })
+	if got := a.metric(t, mPublished); got != 201 {
+		t.Errorf("A published %v messages, want 201", got)
+	}
 }
