@@ -500,7 +500,7 @@ func (b *Bus) publishLoop(ctx context.Context, client *redis.Client) {
 					if m.passive != nil {
 						nextPassive = now.Add(busPassiveInterval)
 					}
-					if b.send(ctx, client, m) {
+					if b.send(context.WithoutCancel(ctx), client, m) {
 						backoff = busMinBackoff
 					} else {
 						// Retrying at once would only hammer a Redis that
@@ -536,17 +536,17 @@ func (b *Bus) publishLoop(ctx context.Context, client *redis.Client) {
 func (b *Bus) drain(client *redis.Client) {
 	ctx, cancel := context.WithTimeout(context.Background(), busOpTimeout)
 	defer cancel()
-	for {
+	for ctx.Err() == nil {
 		m, ok, _ := b.out.take(true, busPassiveBatch)
 		if !ok {
 			return
 		}
 		if !b.send(ctx, client, m) {
-			if n := b.out.len(); n > 0 {
-				b.log.Warn("stopping with invalidations the other replicas were not told of", zap.Int("waiting", n))
-			}
-			return
+			break
 		}
+	}
+	if n := b.out.len(); n > 0 {
+		b.log.Warn("stopping with invalidations the other replicas were not told of", zap.Int("waiting", n))
 	}
 }
 
@@ -557,6 +557,9 @@ func (b *Bus) lost() {
 	b.out.owe(tokencache.ReasonBusResync)
 }
 
+// send publishes one message, within busOpTimeout and ctx. ctx is not
+// Run's: a publish under way when Run is told to stop completes (what is
+// left is drained after it), rather than being lost and owed as a flush.
 func (b *Bus) send(ctx context.Context, client *redis.Client, m batch) bool {
 	var payload string
 	var err error
@@ -575,13 +578,11 @@ func (b *Bus) send(ctx context.Context, client *redis.Client, m batch) bool {
 		b.lost()
 		return false
 	}
-	pctx, cancel := context.WithTimeout(ctx, busOpTimeout)
+	ctx, cancel := context.WithTimeout(ctx, busOpTimeout)
 	defer cancel()
-	if err := client.Publish(pctx, b.channel, payload).Err(); err != nil {
+	if err := client.Publish(ctx, b.channel, payload).Err(); err != nil {
 		b.lost()
-		if ctx.Err() == nil {
-			b.log.Warn("cannot publish an invalidation; the other replicas will be told to flush", zap.Error(err))
-		}
+		b.log.Warn("cannot publish an invalidation; the other replicas will be told to flush", zap.Error(err))
 		return false
 	}
 	b.m.published.Inc()

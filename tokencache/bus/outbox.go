@@ -132,9 +132,9 @@ type batch struct {
 
 // take removes the next message's worth, most important first, and reports
 // whether there was one. Passives are only taken when passiveReady (their
-// messages are spaced out), at most max of them; waiting reports passives
+// messages are spaced out), at most limit of them; waiting reports passives
 // left waiting for that.
-func (o *outbox) take(passiveReady bool, max int) (b batch, ok, waiting bool) {
+func (o *outbox) take(passiveReady bool, limit int) (b batch, ok, waiting bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	switch {
@@ -148,8 +148,8 @@ func (o *outbox) take(passiveReady bool, max int) (b batch, ok, waiting bool) {
 	case !passiveReady:
 		return batch{}, false, true
 	}
-	ids := make([]tokencache.TokenID, 0, min(max, o.passive.len()))
-	for o.passive.len() > 0 && len(ids) < max {
+	ids := make([]tokencache.TokenID, 0, min(limit, o.passive.len()))
+	for o.passive.len() > 0 && len(ids) < limit {
 		id := o.passive.pop()
 		delete(o.queued, id)
 		ids = append(ids, id)

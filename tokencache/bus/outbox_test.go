@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"slices"
 	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 )
@@ -203,4 +206,45 @@ func TestRing(t *testing.T) {
 	if r.len() != 0 || !r.push(7) || r.pop() != 7 || r.len() != 0 {
 		t.Error("clear does not empty it")
 	}
+}
+
+// BenchmarkPublish: what Publish costs the request path, for a flood of
+// passive invalidations (coalesced, then dropped once the set is full) and
+// for explicit ones (the queue drained as it fills, as the publisher does).
+func BenchmarkPublish(b *testing.B) {
+	f := newBenchBus(b)
+	b.Run("passive", func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			f.Publish(tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: madeUpToken(i % 4096), Reason: tokencache.ReasonUnknownToken})
+			i++
+		}
+	})
+	b.Run("explicit", func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			f.Publish(tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: madeUpToken(i), Reason: "logout"})
+			if i++; i%busQueueSize == 0 {
+				for {
+					if _, ok, _ := f.out.take(false, busPassiveBatch); !ok {
+						break
+					}
+				}
+			}
+		}
+	})
+}
+
+func newBenchBus(b *testing.B) *Bus {
+	c, err := tokencache.New(tokencache.Config{Size: 10, TTL: time.Minute, LookupTimeout: time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	bus, err := New(Config{URL: "redis://127.0.0.1:1", Registerer: prometheus.NewRegistry()}, c)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return bus
 }
