@@ -636,3 +636,21 @@ func (c *Cache) LimitLifetime(id TokenID, notAfter time.Time) {
 		}
 	}
 }
+
+// Reasons of invalidations decided by another replica (package bus).
+const (
+	// ReasonBus labels invalidations decided by another replica. Their own
+	// reason is not used as a label: it comes off the network, and labels
+	// must stay a small fixed set.
+	ReasonBus Reason = "bus"
+	// ReasonBusResync labels flushes made because invalidations may have
+	// been missed: the subscription came back after a gap, the bus stayed
+	// down longer than its down TTL, or a peer lost some of its own.
+	ReasonBusResync Reason = "bus_resync"
+)
+
+// ReasonUnknownToken labels passive invalidations: the homeserver answered
+// 401 for a token, so whatever was held for it goes. Package bus tells them
+// from explicit revocations by this reason (they may be coalesced, and
+// dropped first under overload), so callers must use this value for them.
+const ReasonUnknownToken Reason = "unknown_token"

@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"bufio"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -119,6 +121,203 @@ func TestE2EBusSharesLogouts(t *testing.T) {
 			t.Fatalf("a raw access token reached Redis:\n%s", traffic)
 		}
 	}
+}
+
+// TestE2EBusLogoutOutrunsFlood: while replica A is flooded with made-up
+// tokens on a route it forwards (each 401 makes a passive invalidation A
+// publishes), a logout through A is still a 401 at B within the bound, and
+// the flood costs Redis fewer messages than it made requests (passive
+// invalidations are batched and spaced out). A reaches Redis over a link
+// that delays everything by e2eBusSlowLink, like a Redis across a network
+// (or a busy one): a replica that published a message per invalidation
+// would fall behind the flood.
+//
+// Not parallel: the flood loads the shared Synapse and the machine, which
+// would make other tests' bounds fail for reasons that are not theirs.
+func TestE2EBusLogoutOutrunsFlood(t *testing.T) {
+	e2eShort(t)
+	rs := e2eBusStartRedis(t)
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+
+	key := make([]byte, 32)
+	_, _ = rand.Read(key)
+	env := map[string]string{
+		"REDIS_URL":      "redis://" + rs.addr,
+		"TOKEN_HASH_KEY": hex.EncodeToString(key),
+		"RATE_LIMIT_RPS": "0",
+		"LOG_LEVEL":      "info", // a debug line per request would be most of the work
+	}
+	pb := e2eStartProxy(t, syn.URL, env)
+	env["REDIS_URL"] = "redis://" + e2eSlowLink(t, rs.addr, e2eBusSlowLink)
+	pa := e2eStartProxy(t, syn.URL, env)
+	e2eBusWaitUp(t, 1, pa, pb)
+
+	u := syn.Register(t, "flood", false)
+	sess := e2eLogin(t, syn.URL, u, nil)
+	for _, px := range []*e2eProxy{pa, pb} {
+		e2eWantStatus(t, e2eWhoami(t, px.URL, sess.Token), http.StatusOK) // cached on both
+	}
+
+	// The flood: bounded in count and in time, as fast as A answers.
+	const workers, total = 12, 4000
+	var sent, unauthorized atomic.Int64
+	others := make(chan string, 1)
+	publishedBefore := e2eMetric(t, pa.AdminURL, e2eBusPublished)
+	ctx, stop := context.WithTimeout(t.Context(), 60*time.Second)
+	defer stop()
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: workers}}
+	defer client.CloseIdleConnections()
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for sent.Add(1) <= total && ctx.Err() == nil {
+				tok := "syt_madeup_" + rand.Text()
+				r, err := e2eTry(ctx, client, http.MethodGet, pa.URL+"/_matrix/client/v3/sync?timeout=0", tok, nil)
+				switch {
+				case err != nil && ctx.Err() != nil:
+				case err == nil && r.Status == http.StatusUnauthorized:
+					unauthorized.Add(1)
+				default:
+					select {
+					case others <- fmt.Sprintf("%d %s, %v", r.Status, r.Body, err):
+					default:
+					}
+				}
+			}
+		})
+	}
+	// Logout through A in the middle of the flood.
+	e2eEventually(t, 30*time.Second, "the flood under way", func() string {
+		if n := unauthorized.Load(); n < total/2 {
+			return fmt.Sprintf("%d of %d answered", n, total)
+		}
+		return ""
+	})
+	e2eWant2xx(t, e2eDo(t, nil, http.MethodPost, pa.URL+"/_matrix/client/v3/logout", sess.Token, map[string]any{}))
+	e2eBusWant401Within(t, pb, sess.Token, e2eBusBound)
+	flooding := unauthorized.Load() < total
+	wg.Wait()
+	if !flooding {
+		t.Errorf("the flood was over before B refused the token: the test proves nothing")
+	}
+	select {
+	case o := <-others:
+		t.Fatalf("a made-up token got: %s", o)
+	default:
+	}
+	n := unauthorized.Load()
+	if n != total {
+		t.Fatalf("%d of %d made-up tokens answered 401 before the flood timed out", n, total)
+	}
+
+	// Once what A holds is published (it stops moving), count.
+	last := -1.0
+	e2eEventually(t, 10*time.Second, "A done publishing", func() string {
+		now := e2eMetric(t, pa.AdminURL, e2eBusPublished)
+		if now != last {
+			last = now
+			return fmt.Sprintf("%v messages published so far", now)
+		}
+		return ""
+	})
+	published := last - publishedBefore
+	m := e2eMetrics(t, pa.AdminURL)
+	t.Logf("%d made-up tokens answered 401; A published %v messages; passive invalidations dropped: %v",
+		n, published, m[`matrix_auth_proxy_bus_messages_dropped_total{reason="passive_overflow"}`])
+	if published >= float64(n) {
+		t.Errorf("A published %v messages for %d requests: a flood costs Redis a message per request", published, n)
+	}
+	for _, reason := range []string{"queue_full", "publish_failed"} {
+		if got := m[`matrix_auth_proxy_bus_messages_dropped_total{reason="`+reason+`"}`]; got != 0 {
+			t.Errorf("A dropped{reason=%q} = %v, want 0", reason, got)
+		}
+	}
+}
+
+const (
+	e2eBusPublished = `matrix_auth_proxy_bus_messages_published_total`
+	e2eBusSlowLink  = 20 * time.Millisecond
+)
+
+// e2eSlowLink listens on a free 127.0.0.1 port and relays every connection
+// to target, each chunk delivered delay after it was read, in order, in
+// both directions. It stops when the test ends.
+func e2eSlowLink(t *testing.T, target string, delay time.Duration) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		conns []net.Conn
+	)
+	track := func(c net.Conn) {
+		mu.Lock()
+		conns = append(conns, c)
+		mu.Unlock()
+	}
+	relay := func(dst, src net.Conn) {
+		type chunk struct {
+			b  []byte
+			at time.Time
+		}
+		ch := make(chan chunk, 1024)
+		wg.Go(func() {
+			defer close(ch)
+			for {
+				b := make([]byte, 32<<10)
+				n, err := src.Read(b)
+				if n > 0 {
+					ch <- chunk{b[:n], time.Now().Add(delay)}
+				}
+				if err != nil {
+					return
+				}
+			}
+		})
+		wg.Go(func() {
+			defer dst.Close()
+			for c := range ch {
+				time.Sleep(time.Until(c.at))
+				if _, err := dst.Write(c.b); err != nil {
+					src.Close()
+					for range ch {
+					}
+					return
+				}
+			}
+		})
+	}
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			track(c)
+			track(up)
+			relay(up, c)
+			relay(c, up)
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().String()
 }
 
 // e2eBusWant401Within polls whoami through px until it answers 401; a 200

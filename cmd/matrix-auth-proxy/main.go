@@ -26,6 +26,7 @@ import (
 
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/proxy"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache/bus"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
 )
 
@@ -106,11 +107,11 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 		return err
 	}
 	// With REDIS_URL, every invalidation is shared with the other replicas.
-	// bus is set before anything is served, so the hook can read it freely.
-	var bus *tokencache.Bus
+	// invBus is set before anything is served, so the hook can read it freely.
+	var invBus *bus.Bus
 	publish := func(inv tokencache.Invalidation) {
-		if bus != nil {
-			bus.Publish(inv)
+		if invBus != nil {
+			invBus.Publish(inv)
 		}
 	}
 	p, err := proxy.New(proxy.Config{
@@ -141,7 +142,7 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	}
 
 	if cfg.RedisURL != "" {
-		bus, err = tokencache.NewBus(tokencache.BusConfig{
+		invBus, err = bus.New(bus.Config{
 			URL:        cfg.RedisURL,
 			Password:   cfg.RedisPassword,
 			Channel:    cfg.RedisChannel,
@@ -196,8 +197,8 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	bgCtx, stopBackground := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { probe.Run(bgCtx) })
-	if bus != nil {
-		wg.Go(func() { bus.Run(bgCtx) })
+	if invBus != nil {
+		wg.Go(func() { invBus.Run(bgCtx) })
 	}
 	errc := make(chan error, 2)
 	for _, s := range []struct {

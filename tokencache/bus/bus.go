@@ -1,7 +1,13 @@
-package tokencache
+// Package bus shares a token cache's invalidations between replicas of the
+// proxy over Redis pub/sub.
+//
+// It talks to the cache (package tokencache) only through the methods any
+// caller uses (Apply, SetMaxTTL, Len) and is fed through the cache's
+// OnInvalidate hook; the cache itself knows nothing about the network.
+package bus
 
-// This file shares invalidations between replicas of the proxy over Redis
-// pub/sub. Redis is never on the request path: Publish only enqueues, and a
+// Redis is never on the request path: Publish only enqueues (outbox.go says
+// in what order things leave, and what is done when too much waits), and a
 // Bus that cannot reach Redis leaves the cache serving, with shorter
 // lifetimes (DownTTL) and a flush once it is back, since it may have missed
 // invalidations in between. Pub/sub delivers at most once and only to
@@ -27,26 +33,27 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 	"go.uber.org/zap"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 )
 
-// DefaultBusChannel is the pub/sub channel of a BusConfig without one.
-const DefaultBusChannel = "matrix-auth-proxy:invalidate"
-
-// Reasons a Bus drops entries for.
-const (
-	// ReasonBus labels invalidations decided by another replica. Their own
-	// reason is not used as a label: it comes off the network, and labels
-	// must stay a small fixed set.
-	ReasonBus Reason = "bus"
-	// ReasonBusResync labels flushes made because invalidations may have
-	// been missed: the subscription came back after a gap, the bus stayed
-	// down longer than DownTTL, or a peer lost some of its own.
-	ReasonBusResync Reason = "bus_resync"
-)
+// DefaultChannel is the pub/sub channel of a Config without one.
+const DefaultChannel = "matrix-auth-proxy:invalidate"
 
 const (
-	busQueueSize = 1024
-	// busMaxMessage bounds what is decoded; a real message is ~200 bytes.
+	// busQueueSize bounds the explicit revocations waiting to be
+	// published; busPassiveQueueSize the passive invalidations.
+	busQueueSize        = 1024
+	busPassiveQueueSize = 2048
+	// busPassiveBatch is the most passive invalidations in one message,
+	// and busPassiveInterval the least time between two such messages.
+	// Together they bound what a flood of made-up tokens costs Redis (at
+	// most 50 messages a second) and how many passive invalidations get
+	// through (5,000 a second; more are dropped).
+	busPassiveBatch    = 100
+	busPassiveInterval = 20 * time.Millisecond
+	// busMaxMessage bounds what is decoded; a message of one invalidation
+	// is ~200 bytes, a full passive batch ~3,600.
 	busMaxMessage = 4096
 	// busOpTimeout bounds dialing, a publish, and the wait for the
 	// subscription's confirmation.
@@ -58,18 +65,18 @@ const (
 	busHealthInterval = time.Second
 	busMinBackoff     = 100 * time.Millisecond
 	busMaxBackoff     = 10 * time.Second
-	busMessageVersion = 1
 )
 
 // Values of the dropped metric's reason label.
 const (
-	dropQueueFull     = "queue_full"
-	dropPublishFailed = "publish_failed"
-	dropMalformed     = "malformed"
+	dropQueueFull       = "queue_full"       // explicit, owed as a flush
+	dropPassiveOverflow = "passive_overflow" // passive, only counted
+	dropPublishFailed   = "publish_failed"   // owed as a flush
+	dropMalformed       = "malformed"        // incoming
 )
 
-// BusConfig is the behaviour of a Bus.
-type BusConfig struct {
+// Config is the behaviour of a Bus.
+type Config struct {
 	// URL is the Redis server: redis://[user:password@]host:port[/db] or
 	// rediss:// for TLS (go-redis ParseURL syntax, including its query
 	// options). It is never logged with its password.
@@ -77,7 +84,7 @@ type BusConfig struct {
 	// Password, if set, overrides the URL's password, so that it can come
 	// from a Secret instead of being part of the URL.
 	Password string
-	// Channel is the pub/sub channel; "" means DefaultBusChannel. Every
+	// Channel is the pub/sub channel; "" means DefaultChannel. Every
 	// replica of one deployment must use the same one, and a different one
 	// from other deployments sharing the Redis server.
 	Channel string
@@ -98,20 +105,19 @@ type BusConfig struct {
 // the same channel, and applies theirs. Wire Publish into the cache's
 // Config.OnInvalidate and run Run for as long as the cache is in use.
 type Bus struct {
-	cache   *Cache
+	cache   *tokencache.Cache
 	opts    *redis.Options
 	channel string
 	downTTL time.Duration
 	log     *zap.Logger
 	// from tells this instance's messages apart when they come back.
-	from  string
-	queue chan Invalidation
+	from string
+	out  *outbox
 
 	up atomic.Bool
-	// owed is set when an invalidation of ours was lost on its way out:
-	// peers may hold what it dropped, so they are told to flush as soon
-	// as a publish gets through.
-	owed atomic.Bool
+	// ups counts the times the link came up, so the publisher can tell
+	// that its backoff after a failure no longer applies.
+	ups atomic.Uint64
 	// lastQueueWarn (unix ns) rate-limits the queue-full warning.
 	lastQueueWarn   atomic.Int64
 	warnedMalformed atomic.Bool
@@ -121,26 +127,27 @@ type Bus struct {
 
 type busMetrics struct {
 	published, received, applied, flushes prometheus.Counter
-	queueFull, publishFailed, malformed   prometheus.Counter
+	queueFull, passiveOverflow            prometheus.Counter
+	publishFailed, malformed              prometheus.Counter
 	up                                    prometheus.Gauge
 }
 
-// NewBus checks cfg and registers the bus metrics. It does not connect:
+// New checks cfg and registers the bus metrics. It does not connect:
 // Run does.
-func NewBus(cfg BusConfig, c *Cache) (*Bus, error) {
+func New(cfg Config, c *tokencache.Cache) (*Bus, error) {
 	if c == nil {
-		return nil, errors.New("tokencache: NewBus needs a Cache")
+		return nil, errors.New("bus: New needs a Cache")
 	}
 	if cfg.Registerer == nil {
-		return nil, errors.New("tokencache: BusConfig.Registerer is required")
+		return nil, errors.New("bus: Config.Registerer is required")
 	}
 	if cfg.DownTTL < 0 {
-		return nil, errors.New("tokencache: BusConfig.DownTTL must not be negative")
+		return nil, errors.New("bus: Config.DownTTL must not be negative")
 	}
 	opts, err := redis.ParseURL(cfg.URL)
 	if err != nil {
 		// go-redis errors quote the URL; never repeat a password.
-		return nil, errors.New("tokencache: BusConfig.URL is not a redis:// or rediss:// URL")
+		return nil, errors.New("bus: Config.URL is not a redis:// or rediss:// URL")
 	}
 	if cfg.Password != "" {
 		opts.Password = cfg.Password
@@ -163,10 +170,10 @@ func NewBus(cfg BusConfig, c *Cache) (*Bus, error) {
 		downTTL: cfg.DownTTL,
 		log:     cfg.Logger,
 		from:    fmt.Sprintf("%016x", rand.Uint64()),
-		queue:   make(chan Invalidation, busQueueSize),
+		out:     newOutbox(busQueueSize, busPassiveQueueSize),
 	}
 	if b.channel == "" {
-		b.channel = DefaultBusChannel
+		b.channel = DefaultChannel
 	}
 	if b.log == nil {
 		b.log = zap.NewNop()
@@ -182,15 +189,16 @@ func (m *busMetrics) register(reg prometheus.Registerer) error {
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Namespace: "matrix_auth_proxy", Subsystem: "bus", Name: name, Help: help})
 	}
-	m.published = counter("messages_published_total", "Invalidations published to the other replicas.")
+	m.published = counter("messages_published_total", "Messages published to the other replicas: one per explicit invalidation or flush, one per batch of passive ones.")
 	m.received = counter("messages_received_total", "Messages received on the channel, this replica's own echoes and malformed ones included.")
-	m.applied = counter("messages_applied_total", "Invalidations of other replicas applied to the cache.")
+	m.applied = counter("messages_applied_total", "Messages of other replicas applied to the cache.")
 	m.flushes = counter("flushes_total", "Cache flushes because invalidations may have been missed (bus back after a gap, down longer than the down TTL, or a peer lost some).")
 	dropped := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "matrix_auth_proxy", Subsystem: "bus", Name: "messages_dropped_total",
-		Help: "Messages lost: queue_full and publish_failed (outgoing), malformed (incoming).",
+		Help: "Lost on the way: queue_full (an explicit invalidation found its queue full) and publish_failed (a message could not be published), both made up for by telling the peers to flush; passive_overflow (a passive invalidation found its set full: only counted); malformed (incoming messages).",
 	}, []string{"reason"})
 	m.queueFull = dropped.WithLabelValues(dropQueueFull)
+	m.passiveOverflow = dropped.WithLabelValues(dropPassiveOverflow)
 	m.publishFailed = dropped.WithLabelValues(dropPublishFailed)
 	m.malformed = dropped.WithLabelValues(dropMalformed)
 	m.up = prometheus.NewGauge(prometheus.GaugeOpts{
@@ -199,25 +207,29 @@ func (m *busMetrics) register(reg prometheus.Registerer) error {
 	})
 	for _, c := range []prometheus.Collector{m.published, m.received, m.applied, m.flushes, dropped, m.up} {
 		if err := reg.Register(c); err != nil {
-			return fmt.Errorf("tokencache: registering bus metrics: %w", err)
+			return fmt.Errorf("bus: registering metrics: %w", err)
 		}
 	}
 	return nil
 }
 
 // Publish hands an invalidation to the other replicas. It never blocks:
-// meant for Config.OnInvalidate, it runs on the request path, so when the
-// queue is full (Redis slower than the invalidations) the invalidation is
-// dropped, counted and, at most every ten seconds, warned about.
-func (b *Bus) Publish(inv Invalidation) {
-	select {
-	case b.queue <- inv:
-	default:
+// meant for Config.OnInvalidate, it runs on the request path. What waits is
+// bounded: an explicit revocation that finds its queue full (Redis slower
+// than the revocations, or down for long) makes the peers flush instead,
+// and is counted and, at most every ten seconds, warned about; a passive
+// one (tokencache.ReasonUnknownToken) that finds its set full is dropped
+// and counted (outbox.go says why that is safe).
+func (b *Bus) Publish(inv tokencache.Invalidation) {
+	switch b.out.add(inv) {
+	case explicitOverflow:
 		b.m.queueFull.Inc()
 		now := time.Now().UnixNano()
 		if last := b.lastQueueWarn.Load(); now-last > int64(10*time.Second) && b.lastQueueWarn.CompareAndSwap(last, now) {
-			b.log.Warn("invalidation bus queue full: invalidations are not reaching the other replicas", zap.Int("queue", busQueueSize))
+			b.log.Warn("invalidation bus queue full: the other replicas will be told to flush", zap.Int("queue", busQueueSize))
 		}
+	case passiveOverflow:
+		b.m.passiveOverflow.Inc()
 	}
 }
 
@@ -350,20 +362,16 @@ func (b *Bus) linkUp(l *link) {
 		b.log.Info("invalidation bus up")
 	}
 	l.warned = false
-	// Our own losses are owed to the peers as a flush.
-	if b.owed.Swap(false) {
-		select {
-		case b.queue <- Invalidation{Scope: ScopeAll, Reason: ReasonBusResync}:
-		default:
-			b.owed.Store(true)
-		}
-	}
+	// What waited while down (and the flush owed for our own losses, if
+	// any) can go now.
+	b.ups.Add(1)
+	b.out.signal()
 }
 
 // resync flushes the cache, which may hold answers an unseen invalidation
 // concerned. Apply, not Flush: the peers need not follow.
 func (b *Bus) resync(why string) {
-	n := b.cache.Apply(Invalidation{Scope: ScopeAll, Reason: ReasonBusResync})
+	n := b.cache.Apply(tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: tokencache.ReasonBusResync})
 	b.m.flushes.Inc()
 	if why != "" {
 		b.log.Warn("cache flushed: "+why, zap.Int("entries", n), zap.Duration("down_cache_ttl", b.downTTL))
@@ -435,7 +443,7 @@ func isTimeout(err error) bool {
 // receive applies one message from the channel.
 func (b *Bus) receive(payload string) {
 	b.m.received.Inc()
-	msg, inv, err := decodeBusMessage(payload)
+	msg, invs, err := decodeBusMessage(payload)
 	if err != nil {
 		b.m.malformed.Inc()
 		// Only someone with access to Redis can send these, but a version
@@ -451,89 +459,177 @@ func (b *Bus) receive(payload string) {
 	if msg.From == b.from {
 		return
 	}
-	inv.Reason = ReasonBus
-	n := b.cache.Apply(inv)
+	n := 0
+	for _, inv := range invs {
+		inv.Reason = tokencache.ReasonBus
+		n += b.cache.Apply(inv)
+	}
 	b.m.applied.Inc()
-	if ce := b.log.Check(zap.DebugLevel, "applied a peer's invalidation"); ce != nil {
-		ce.Write(zap.String("scope", msg.Scope), zap.String("peer_reason", msg.Reason), zap.String("from", msg.From), zap.Int("dropped", n))
+	if ce := b.log.Check(zap.DebugLevel, "applied a peer's invalidations"); ce != nil {
+		ce.Write(zap.String("scope", msg.Scope), zap.Int("invalidations", len(invs)), zap.String("peer_reason", msg.Reason),
+			zap.String("from", msg.From), zap.Int("dropped", n))
 	}
 }
 
-// publishLoop sends queued invalidations until ctx is done.
+// publishLoop sends what the outbox holds, while the link is up, until ctx
+// is done. While the link is down, invalidations wait (within the outbox's
+// bounds) rather than being lost: when it is back they reach the peers as
+// they were, not as a flush.
 func (b *Bus) publishLoop(ctx context.Context, client *redis.Client) {
-	for {
-		var inv Invalidation
+	var (
+		nextPassive time.Time // passive messages are spaced out
+		retryAt     time.Time // after a failed publish, not before
+		backoff     = busMinBackoff
+		ups         = b.ups.Load()
+	)
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for ctx.Err() == nil {
+		wait := time.Duration(-1) // until woken
+		if b.up.Load() {
+			if u := b.ups.Load(); u != ups {
+				// A new link: the last one's failures say nothing of it.
+				ups, retryAt, backoff = u, time.Time{}, busMinBackoff
+			}
+			now := time.Now()
+			if now.Before(retryAt) {
+				wait = retryAt.Sub(now)
+			} else {
+				m, ok, waiting := b.out.take(!now.Before(nextPassive), busPassiveBatch)
+				if ok {
+					if m.passive != nil {
+						nextPassive = now.Add(busPassiveInterval)
+					}
+					if b.send(context.WithoutCancel(ctx), client, m) {
+						backoff = busMinBackoff
+					} else {
+						// Retrying at once would only hammer a Redis that
+						// refuses, or wait out more timeouts.
+						retryAt = time.Now().Add(backoff)
+						backoff = min(2*backoff, busMaxBackoff)
+					}
+					continue
+				}
+				if waiting {
+					wait = nextPassive.Sub(now)
+				}
+			}
+		}
+		var tick <-chan time.Time
+		if wait >= 0 {
+			timer.Reset(wait)
+			tick = timer.C
+		}
 		select {
 		case <-ctx.Done():
+		case <-b.out.wake:
+		case <-tick:
+		}
+		timer.Stop()
+	}
+	b.drain(client)
+}
+
+// drain publishes what is left when Run is told to stop, within one
+// timeout: the proxy stops the bus once its last requests are answered,
+// and their revocations must not end with the process.
+func (b *Bus) drain(client *redis.Client) {
+	ctx, cancel := context.WithTimeout(context.Background(), busOpTimeout)
+	defer cancel()
+	for ctx.Err() == nil {
+		m, ok, _ := b.out.take(true, busPassiveBatch)
+		if !ok {
 			return
-		case inv = <-b.queue:
 		}
-		if !b.up.Load() {
-			// Down: trying would only stall the queue on dial timeouts.
-			b.lost()
-			continue
+		if !b.send(ctx, client, m) {
+			break
 		}
-		if !b.send(ctx, client, inv) {
-			continue
-		}
-		if b.owed.Swap(false) && !b.send(ctx, client, Invalidation{Scope: ScopeAll, Reason: ReasonBusResync}) {
-			b.owed.Store(true)
-		}
+	}
+	if n := b.out.len(); n > 0 {
+		b.log.Warn("stopping with invalidations the other replicas were not told of", zap.Int("waiting", n))
 	}
 }
 
+// lost records that invalidations of ours never reached the peers: peers
+// may hold what they dropped, so they are told to flush.
 func (b *Bus) lost() {
 	b.m.publishFailed.Inc()
-	b.owed.Store(true)
+	b.out.owe(tokencache.ReasonBusResync)
 }
 
-func (b *Bus) send(ctx context.Context, client *redis.Client, inv Invalidation) bool {
-	payload, err := encodeBusMessage(b.from, inv)
+// send publishes one message, within busOpTimeout and ctx. ctx is not
+// Run's: a publish under way when Run is told to stop completes (what is
+// left is drained after it), rather than being lost and owed as a flush.
+func (b *Bus) send(ctx context.Context, client *redis.Client, m batch) bool {
+	var payload string
+	var err error
+	if len(m.passive) > 1 {
+		payload, err = encodeBatch(b.from, tokencache.ReasonUnknownToken, m.passive)
+	} else {
+		inv := m.inv
+		if len(m.passive) == 1 {
+			// One alone goes in the format every version reads.
+			inv = tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: m.passive[0], Reason: tokencache.ReasonUnknownToken}
+		}
+		payload, err = encodeBusMessage(b.from, inv)
+	}
 	if err != nil {
 		b.log.Error("cannot encode an invalidation", zap.Error(err))
 		b.lost()
 		return false
 	}
-	pctx, cancel := context.WithTimeout(ctx, busOpTimeout)
+	ctx, cancel := context.WithTimeout(ctx, busOpTimeout)
 	defer cancel()
-	if err := client.Publish(pctx, b.channel, payload).Err(); err != nil {
+	if err := client.Publish(ctx, b.channel, payload).Err(); err != nil {
 		b.lost()
-		if ctx.Err() == nil {
-			b.log.Warn("cannot publish an invalidation; the other replicas will be told to flush", zap.Error(err))
-		}
+		b.log.Warn("cannot publish an invalidation; the other replicas will be told to flush", zap.Error(err))
 		return false
 	}
 	b.m.published.Inc()
 	return true
 }
 
-// busMessage is the wire format, version 1. Only IDs, never a token.
+// busMessage is the wire format. Only IDs, never a token.
+//
+// Version 1 carries one invalidation; every version reads it, so explicit
+// revocations and flushes always go as version 1. Version 2 carries a batch
+// of passive invalidations: scope "token", the IDs in Tokens, no Token.
+// Replicas older than version 2 drop it as malformed (counted, and warned
+// about once): during a rolling upgrade they miss only passive
+// invalidations, which a replica may miss anyway (see outbox.go).
 type busMessage struct {
-	V        int    `json:"v"`
-	From     string `json:"from"`
-	Scope    string `json:"scope"`
-	Token    string `json:"token,omitempty"` // hex TokenID
-	UserID   string `json:"user_id,omitempty"`
-	DeviceID string `json:"device_id,omitempty"`
+	V        int      `json:"v"`
+	From     string   `json:"from"`
+	Scope    string   `json:"scope"`
+	Token    string   `json:"token,omitempty"`  // hex TokenID
+	Tokens   []string `json:"tokens,omitempty"` // hex TokenIDs, version 2
+	UserID   string   `json:"user_id,omitempty"`
+	DeviceID string   `json:"device_id,omitempty"`
 	// Reason is the sender's, for logs; receivers apply ReasonBus.
 	Reason string `json:"reason,omitempty"`
 }
 
-var scopeNames = map[Scope]string{ScopeToken: "token", ScopeDevice: "device", ScopeUser: "user", ScopeAll: "all"}
+const (
+	busMessageV1 = 1 // one invalidation
+	busMessageV2 = 2 // a batch of token invalidations
+)
 
-func encodeBusMessage(from string, inv Invalidation) (string, error) {
-	m := busMessage{V: busMessageVersion, From: from, Scope: scopeNames[inv.Scope], Reason: string(inv.Reason)}
+var scopeNames = map[tokencache.Scope]string{tokencache.ScopeToken: "token", tokencache.ScopeDevice: "device", tokencache.ScopeUser: "user", tokencache.ScopeAll: "all"}
+
+// encodeBusMessage encodes one invalidation, as version 1.
+func encodeBusMessage(from string, inv tokencache.Invalidation) (string, error) {
+	m := busMessage{V: busMessageV1, From: from, Scope: scopeNames[inv.Scope], Reason: string(inv.Reason)}
 	switch inv.Scope {
-	case ScopeToken:
+	case tokencache.ScopeToken:
 		m.Token = hex.EncodeToString(inv.Token[:])
-	case ScopeDevice:
+	case tokencache.ScopeDevice:
 		m.UserID, m.DeviceID = inv.UserID, inv.DeviceID
-	case ScopeUser:
+	case tokencache.ScopeUser:
 		m.UserID = inv.UserID
-		if inv.Token != (TokenID{}) {
+		if inv.Token != (tokencache.TokenID{}) {
 			m.Token = hex.EncodeToString(inv.Token[:])
 		}
-	case ScopeAll:
+	case tokencache.ScopeAll:
 	default:
 		return "", fmt.Errorf("unknown scope %d", inv.Scope)
 	}
@@ -541,61 +637,98 @@ func encodeBusMessage(from string, inv Invalidation) (string, error) {
 	return string(b), err
 }
 
-// decodeBusMessage parses and checks a message. The Invalidation holds only
-// the fields its scope uses, and no Reason.
-func decodeBusMessage(payload string) (busMessage, Invalidation, error) {
+// encodeBatch encodes invalidations of tokens, as version 2.
+func encodeBatch(from string, reason tokencache.Reason, ids []tokencache.TokenID) (string, error) {
+	if len(ids) == 0 {
+		return "", errors.New("empty batch")
+	}
+	m := busMessage{V: busMessageV2, From: from, Scope: "token", Tokens: make([]string, len(ids)), Reason: string(reason)}
+	for i, id := range ids {
+		m.Tokens[i] = hex.EncodeToString(id[:])
+	}
+	b, err := json.Marshal(m)
+	if err == nil && len(b) > busMaxMessage {
+		err = fmt.Errorf("batch of %d tokens is %d bytes, more than %d", len(ids), len(b), busMaxMessage)
+	}
+	return string(b), err
+}
+
+// decodeBusMessage parses and checks a message of either version. The
+// invalidations hold only the fields their scope uses, and no Reason.
+func decodeBusMessage(payload string) (busMessage, []tokencache.Invalidation, error) {
 	var m busMessage
 	if len(payload) > busMaxMessage {
-		return m, Invalidation{}, fmt.Errorf("message of %d bytes, more than %d", len(payload), busMaxMessage)
+		return m, nil, fmt.Errorf("message of %d bytes, more than %d", len(payload), busMaxMessage)
 	}
 	if err := json.Unmarshal([]byte(payload), &m); err != nil {
-		return m, Invalidation{}, errors.New("not a JSON message object")
+		return m, nil, errors.New("not a JSON message object")
 	}
-	if m.V != busMessageVersion {
-		return m, Invalidation{}, fmt.Errorf("unsupported message version %d", m.V)
+	if m.From == "" && (m.V == busMessageV1 || m.V == busMessageV2) {
+		return m, nil, errors.New("no sender")
 	}
-	if m.From == "" {
-		return m, Invalidation{}, errors.New("no sender")
-	}
-	var inv Invalidation
-	token := func(required bool) error {
-		if m.Token == "" && !required {
-			return nil
+	switch m.V {
+	case busMessageV1:
+		inv, err := decodeV1(m)
+		if err != nil {
+			return m, nil, err
 		}
-		if len(m.Token) != 2*len(inv.Token) {
-			return errors.New("token is not a hex token ID")
+		return m, []tokencache.Invalidation{inv}, nil
+	case busMessageV2:
+		if m.Scope != "token" || m.Token != "" || len(m.Tokens) == 0 {
+			return m, nil, errors.New("version 2 is a non-empty list of tokens")
 		}
-		if _, err := hex.Decode(inv.Token[:], []byte(m.Token)); err != nil {
-			return errors.New("token is not a hex token ID")
+		invs := make([]tokencache.Invalidation, len(m.Tokens))
+		for i, t := range m.Tokens {
+			invs[i].Scope = tokencache.ScopeToken
+			if err := decodeTokenID(&invs[i].Token, t); err != nil {
+				return m, nil, err
+			}
 		}
-		return nil
+		return m, invs, nil
+	default:
+		return m, nil, fmt.Errorf("unsupported message version %d", m.V)
 	}
+}
+
+func decodeTokenID(id *tokencache.TokenID, s string) error {
+	if len(s) != 2*len(id) {
+		return errors.New("token is not a hex token ID")
+	}
+	if _, err := hex.Decode(id[:], []byte(s)); err != nil {
+		return errors.New("token is not a hex token ID")
+	}
+	return nil
+}
+
+func decodeV1(m busMessage) (tokencache.Invalidation, error) {
+	var inv tokencache.Invalidation
 	var err error
 	switch m.Scope {
 	case "token":
-		inv.Scope = ScopeToken
-		err = token(true)
+		inv.Scope = tokencache.ScopeToken
+		err = decodeTokenID(&inv.Token, m.Token)
 	case "device":
-		inv.Scope = ScopeDevice
+		inv.Scope = tokencache.ScopeDevice
 		inv.UserID, inv.DeviceID = m.UserID, m.DeviceID
 		if m.UserID == "" {
 			err = errors.New("device scope without user_id")
 		}
 	case "user":
-		inv.Scope = ScopeUser
+		inv.Scope = tokencache.ScopeUser
 		inv.UserID = m.UserID
-		if m.UserID == "" {
+		switch {
+		case m.UserID == "":
 			err = errors.New("user scope without user_id")
-		} else {
-			err = token(false)
+		case m.Token != "":
+			err = decodeTokenID(&inv.Token, m.Token)
 		}
 	case "all":
-		inv.Scope = ScopeAll
+		inv.Scope = tokencache.ScopeAll
 	default:
 		err = errors.New("unknown scope")
 	}
 	if err != nil {
-		return m, Invalidation{}, err
+		return tokencache.Invalidation{}, err
 	}
-	return m, inv, nil
+	return inv, nil
 }
