@@ -17,7 +17,7 @@ const (
 	reasonLogin        tokencache.Reason = "login"
 	reasonLock         tokencache.Reason = "lock"
 	reasonSSOLogout    tokencache.Reason = "sso_logout"
-	reasonUnknownToken tokencache.Reason = "unknown_token"
+	reasonUnknownToken                   = tokencache.ReasonUnknownToken
 )
 
 // routeReasons is the reason each route's invalidations are counted under.
