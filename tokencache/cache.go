@@ -235,6 +235,8 @@ type Cache struct {
 	// unless an invalidation is under way.
 	dropping Reason
 	dropped  int
+	// replacing tells the eviction callback that clearKey is at work.
+	replacing bool
 	// log remembers recent invalidations, so a lookup that started before
 	// one of them can tell whether its answer is stale (see fill).
 	seq uint64
@@ -444,9 +446,7 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 		if !ok {
 			return
 		}
-		if old, ok := c.neg.Peek(key); ok {
-			c.unindex(key, old)
-		}
+		c.clearKey(key)
 		c.neg.Add(key, e)
 		c.indexVariant(key)
 		c.flushDrops()
@@ -464,11 +464,7 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 	if !ok || !alive(e, now.UnixNano()) {
 		return
 	}
-	if old, ok := c.pos.Peek(key); ok {
-		// A refill of a live key (two lookups on either side of an unrelated
-		// invalidation): Add replaces the value in place, so unindex the old.
-		c.unindex(key, old)
-	}
+	c.clearKey(key)
 	c.pos.Add(key, e)
 	if user := e.userID(); user != "" {
 		c.users.add(user, key)
@@ -519,11 +515,33 @@ func (c *Cache) indexVariant(key Key) {
 // evicted is the LRUs' eviction callback: it keeps the indexes in step and
 // counts the drop. Called with mu held.
 func (c *Cache) evicted(key Key, e entry) {
+	if c.replacing {
+		return
+	}
 	c.unindex(key, e)
 	c.dropped++
 	if c.dropping == ReasonCapacity {
 		// Capacity evictions happen inside Add; report them one by one.
 		c.flushDrops()
+	}
+}
+
+// clearKey takes out what is held under key before a new answer is stored
+// there, without counting it as dropped: a refill of a live key (two lookups
+// on either side of an unrelated invalidation), or an answer of the other
+// kind. A key holds one answer, in one LRU, so the indexes (sets) hold it
+// once. Called with mu held.
+func (c *Cache) clearKey(key Key) {
+	for _, lru := range [...]*simplelru.LRU[Key, entry]{c.pos, c.neg} {
+		if lru == nil {
+			continue
+		}
+		if old, ok := lru.Peek(key); ok {
+			c.unindex(key, old)
+			c.replacing = true
+			lru.Remove(key)
+			c.replacing = false
+		}
 	}
 }
 
