@@ -19,7 +19,7 @@ func TestBindSeparatesClients(t *testing.T) {
 		"plain": plain, "as bob": asBob,
 		"plain@a": f.h.Bind(plain, a), "plain@b": f.h.Bind(plain, b),
 		"bob@a": f.h.Bind(asBob, a), "bob@b": f.h.Bind(asBob, b),
-		"plain@v6": f.h.Bind(plain, netip.MustParseAddr("2001:db8::1")),
+		"plain@v6":   f.h.Bind(plain, netip.MustParseAddr("2001:db8::1")),
 		"plain@none": f.h.Bind(plain, netip.Addr{}),
 	}
 	seen := map[Key]string{}
