@@ -6,7 +6,11 @@
 // token, never the token itself. Answers expire per entry, can be dropped by
 // token, by user+device or by user, and concurrent misses for one key share
 // one lookup. A lookup that was in flight while an invalidation that concerns
-// its answer happened never stores that answer.
+// its answer happened never stores that answer. An answer that holds only for
+// the client that got it (the caller says so, Answer.Bound) is stored under
+// a key bound to that client (Hasher.Bind) and served to no other.
+// Invalidation costs time linear in what it drops, and a large one yields
+// the lock between batches.
 //
 // It deliberately knows nothing about HTTP or Matrix endpoints: what an answer
 // means, which responses may be cached and which calls revoke what is the
@@ -485,22 +489,8 @@ func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
 		return true // too much happened to tell: do not store
 	}
 	for s := seq + 1; s <= c.seq; s++ {
-		inv := &c.log[s%invalidationLog]
-		switch inv.Scope {
-		case ScopeAll:
+		if covers(&c.log[s%invalidationLog].Invalidation, key, true, a.UserID, a.DeviceID) {
 			return true
-		case ScopeToken:
-			if inv.Token == key.Token {
-				return true
-			}
-		case ScopeDevice:
-			if a.Kind == Positive && a.UserID == inv.UserID && a.DeviceID == inv.DeviceID {
-				return true
-			}
-		case ScopeUser:
-			if a.Kind == Positive && a.UserID == inv.UserID && inv.Token != key.Token {
-				return true
-			}
 		}
 	}
 	return false
@@ -681,7 +671,8 @@ func (c *Cache) dropIfCovered(inv *Invalidation, k Key) int {
 }
 
 // covers reports whether inv concerns an answer held under key (positive,
-// for user and device, or negative).
+// for user and device, or negative): the one rule for what an invalidation
+// drops, what a pending one hides and which lookups it makes stale.
 func covers(inv *Invalidation, key Key, positive bool, user, device string) bool {
 	switch inv.Scope {
 	case ScopeAll:
