@@ -409,3 +409,43 @@ func TestIndexesStayExact(t *testing.T) {
 	}
 	checkIndexes(t, f.c)
 }
+
+// A batched invalidation walks a set that changes between its batches:
+// answers it does not cover keep coming in (and going out) meanwhile. It
+// still drops exactly what it covers, and the indexes stay exact.
+func TestBatchedInvalidationWhileTheSetChanges(t *testing.T) {
+	const n = 5 * invalidationBatch
+	f := newFixture(t, func(c *Config) { c.Size = 3 * n })
+	for i := range n {
+		fillDirect(f.c, f.h.Key(fmt.Sprintf("tok%d", i), Masquerade{}), positive("@bot:x", fmt.Sprintf("D%d", i%2)))
+	}
+	added := 0
+	f.c.betweenBatches = func() {
+		// New devices of the same user, and some of the old D0 ones leaving.
+		for range 300 {
+			fillDirect(f.c, f.h.Key(fmt.Sprintf("new%d", added), Masquerade{}), positive("@bot:x", "D2"))
+			added++
+		}
+		for i := added; i < added+50 && 2*i < n; i++ {
+			f.c.InvalidateToken(f.h.Token(fmt.Sprintf("tok%d", 2*i)), "logout")
+		}
+	}
+	if got := f.c.InvalidateDevice("@bot:x", "D1", "device"); got != n/2 {
+		t.Errorf("dropped %d, want the %d D1 answers", got, n/2)
+	}
+	if added == 0 {
+		t.Fatal("the invalidation never paused")
+	}
+	for i := range n {
+		_, r := f.c.Get(f.h.Key(fmt.Sprintf("tok%d", i), Masquerade{}))
+		if i%2 == 1 && r != Miss {
+			t.Fatalf("tok%d (D1) survived", i)
+		}
+	}
+	for i := range added {
+		if _, r := f.c.Get(f.h.Key(fmt.Sprintf("new%d", i), Masquerade{})); r != Hit {
+			t.Fatalf("new%d (D2) was dropped", i)
+		}
+	}
+	checkIndexes(t, f.c)
+}
