@@ -625,7 +625,8 @@ func (c *Cache) Apply(inv Invalidation) int {
 	for _, k := range small {
 		n += c.dropIfCovered(&inv, k)
 	}
-	if len(big) > invalidationBatch {
+	batched := len(big) > invalidationBatch
+	if batched {
 		c.pending = append(c.pending, &inv)
 		defer c.endPending(&inv)
 	}
@@ -638,7 +639,7 @@ func (c *Cache) Apply(inv Invalidation) int {
 	// anyway.
 	for k := range big {
 		n += c.dropIfCovered(&inv, k)
-		if visited++; visited%invalidationBatch == 0 {
+		if visited++; batched && visited%invalidationBatch == 0 {
 			c.flushDrops()
 			c.mu.Unlock()
 			if c.betweenBatches != nil {
