@@ -655,7 +655,7 @@ func (c *Cache) Apply(inv Invalidation) int {
 
 // invalidationBatch is the most keys an invalidation visits per hold of the
 // cache's lock.
-const invalidationBatch = 1000
+const invalidationBatch = 500
 
 // dropIfCovered drops what is held under k if inv covers it, and returns how
 // many answers that was (0, 1 or 2). Called with mu held and c.dropping set.
