@@ -171,7 +171,7 @@ type caller struct {
 func (p *Proxy) identify(r *http.Request, c *caller) {
 	if c.creds, c.ok = extractCredentials(r); c.ok {
 		c.key = p.hasher.Key(c.creds.token, c.creds.masq)
-		c.answer, c.result = p.cache.Get(c.key)
+		c.answer, c.result = p.cached(r, c.key, c.creds)
 	}
 }
 

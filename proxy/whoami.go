@@ -35,8 +35,24 @@ func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request, c *caller) {
 	writeAnswer(w, a)
 }
 
+// cached looks a request's answer up in the cache, without asking the
+// homeserver. An ordinary user's token is found under its own key with one
+// Get (the common case); answers that hold only for the client that got
+// them (see bindsClient) are found under the key bound to the client's
+// address, looked at only when that misses. A masqueraded request's answer
+// is always bound, so only its bound key is looked at.
+func (p *Proxy) cached(r *http.Request, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result) {
+	if c.masq.IsZero() {
+		if a, res := p.cache.Get(key); res != tokencache.Miss {
+			return a, res
+		}
+	}
+	return p.cache.Get(p.hasher.Bind(key, clientAddr(r, p.trusted)))
+}
+
 // resolve gets the answer for a token from the cache or, sharing the call
-// with concurrent requests for the same key, from the homeserver.
+// with concurrent requests for the same key from the same client, from the
+// homeserver.
 func (p *Proxy) resolve(r *http.Request, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result, error) {
 	wr := upstream.WhoamiRequest{Token: c.token, Query: masqueradeQuery(c.masq), Forward: http.Header{}}
 	p.setForwarded(wr.Forward, r)
@@ -44,13 +60,14 @@ func (p *Proxy) resolve(r *http.Request, key tokencache.Key, c credentials) (tok
 		// Synapse records the user agent per device; keep it the client's.
 		wr.Forward["User-Agent"] = ua
 	}
-	return p.cache.Resolve(r.Context(), key, func(ctx context.Context) (tokencache.Answer, error) {
+	bound := p.hasher.Bind(key, clientAddr(r, p.trusted))
+	return p.cache.ResolveBound(r.Context(), key, bound, func(ctx context.Context) (tokencache.Answer, error) {
 		reply, err := p.lookups.Whoami(ctx, wr)
 		if err != nil {
 			return tokencache.Answer{}, err
 		}
 		p.m.upstreamWhoami.WithLabelValues(strconv.Itoa(reply.Status)).Inc()
-		a, unknownToken := p.answerFor(reply)
+		a, unknownToken := p.answerFor(reply, c.masq)
 		if unknownToken {
 			// Passive invalidation: drop what else is held for this token
 			// (other masquerade variants). A negative answer is never made
@@ -74,20 +91,24 @@ func (p *Proxy) lookupFailed(w http.ResponseWriter, r *http.Request, err error) 
 	p.upstreamFailed(w, r, kind, err)
 }
 
-// answerFor turns the homeserver's whoami reply into a cache answer, and says
-// whether the homeserver called the token unknown. Only a 200 with a user_id
-// is positive; only a 401 M_UNKNOWN_TOKEN without soft_logout is negative
-// (a soft-logged-out client may still refresh, Client-Server API "Soft
-// logout"). Everything else (403 for a forbidden masquerade, 429, 5xx) is
-// handed back as it came and never stored.
-func (p *Proxy) answerFor(reply *upstream.Reply) (tokencache.Answer, bool) {
+// answerFor turns the homeserver's whoami reply to a request masquerading
+// as m into a cache answer, and says whether the homeserver called the
+// token unknown. Only a 200 with a user_id is positive; only a 401
+// M_UNKNOWN_TOKEN without soft_logout is negative (a soft-logged-out client
+// may still refresh, Client-Server API "Soft logout"). Everything else (403
+// for a forbidden masquerade, 429, 5xx) is handed back as it came and never
+// stored; so is a 200 for another user or device than the masquerade asked
+// for (Synapse ignores user_id for an ordinary user's token: storing that
+// answer per user_id value would let one token fill the cache).
+func (p *Proxy) answerFor(reply *upstream.Reply, m tokencache.Masquerade) (tokencache.Answer, bool) {
 	// One copy at the body's exact size, which the cache keeps.
 	body := string(reply.Body)
 	switch reply.Status {
 	case http.StatusOK:
-		if user, device, ok := parseWhoami(reply.Body); ok {
+		if user, device, ok := parseWhoami(reply.Body); ok && masqueradeHeld(m, user, device) {
 			return tokencache.Answer{Kind: tokencache.Positive, UserID: user, DeviceID: device,
-				Body: body, Meta: p.replays.intern(reply.Status, reply.Header)}, false
+				Body: body, Meta: p.replays.intern(reply.Status, reply.Header),
+				Bound: bindsClient(tokencache.Positive, device, m)}, false
 		}
 	case http.StatusUnauthorized:
 		if errcode, soft, ok := parseError(reply.Body); ok && errcode == "M_UNKNOWN_TOKEN" {
@@ -95,10 +116,30 @@ func (p *Proxy) answerFor(reply *upstream.Reply) (tokencache.Answer, bool) {
 				return uncacheable(reply, body), true
 			}
 			return tokencache.Answer{Kind: tokencache.Negative, Body: body,
-				Meta: p.replays.intern(reply.Status, reply.Header)}, true
+				Meta: p.replays.intern(reply.Status, reply.Header), Bound: bindsClient(tokencache.Negative, "", m)}, true
 		}
 	}
 	return uncacheable(reply, body), false
+}
+
+// masqueradeHeld reports whether a whoami answer for user and device is the
+// one masquerade m asked for (every parameter m carries is honoured).
+func masqueradeHeld(m tokencache.Masquerade, user, device string) bool {
+	return (m.UserID == "" || m.UserID == user) &&
+		(m.DeviceID == "" || m.DeviceID == device) &&
+		(m.MSC3202DeviceID == "" || m.MSC3202DeviceID == device)
+}
+
+// bindsClient says whether an answer may depend on the client's address,
+// and so must only be served to that address again. Synapse checks an
+// appservice token's ip_range_whitelist against the client address
+// (Auth.get_appservice_user) and, outside it, calls the token unknown. An
+// appservice's answers are the device-less ones and every masqueraded one;
+// a negative answer may be one seen from outside the whitelist. An ordinary
+// user's positive answer (with a device, not masqueraded) holds for every
+// client, and is shared.
+func bindsClient(k tokencache.Kind, device string, m tokencache.Masquerade) bool {
+	return k == tokencache.Negative || device == "" || !m.IsZero()
 }
 
 func uncacheable(reply *upstream.Reply, body string) tokencache.Answer {

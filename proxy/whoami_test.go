@@ -1,9 +1,12 @@
 package proxy
 
 import (
+	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -373,4 +376,165 @@ func TestHomeserverTroubleIsNever401(t *testing.T) {
 			t.Errorf("upstream_errors_total{timeout}: %v", n)
 		}
 	})
+}
+
+// whoamiFrom sends a whoami with token from client address addr straight to
+// the proxy's handler, and returns the status and body.
+func (h *harness) whoamiFrom(addr, uri, tok string) (int, string) {
+	h.t.Helper()
+	req := httptest.NewRequest("GET", uri, nil)
+	req.RemoteAddr = addr + ":40000"
+	req.Header.Set("Authorization", "Bearer "+tok)
+	w := httptest.NewRecorder()
+	h.p.ServeHTTP(w, req)
+	return w.Code, w.Body.String()
+}
+
+// fencedAddr is the one client address the fake fenced appservice's token
+// works from, as Synapse's ip_range_whitelist allows.
+const fencedAddr = "192.0.2.3"
+
+// serveFenced makes the fake homeserver answer whoami for the token
+// "as_fenced" as Synapse answers an appservice whose ip_range_whitelist
+// admits only fencedAddr: from there, the sender (or the user it
+// masquerades as), device-less; from anywhere else, an unknown token. It
+// calls arrived, if set, when a whoami arrives, before answering.
+func (h *harness) serveFenced(arrived func()) {
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.HasSuffix(r.URL.Path, "/whoami") || r.Header.Get("Authorization") != "Bearer as_fenced" {
+			return false
+		}
+		h.hs.whoamiCalls.Add(1)
+		if arrived != nil {
+			arrived()
+		}
+		if r.Header.Get("X-Forwarded-For") != fencedAddr {
+			writeJSON(w, 401, unknownToken)
+			return true
+		}
+		user := "@fenced-bot:hs"
+		if u := r.URL.Query().Get("user_id"); u != "" {
+			user = u
+		}
+		writeJSON(w, 200, fmt.Sprintf(`{"user_id":%q,"is_guest":false}`, user))
+		return true
+	})
+}
+
+// An answer that depends on the client's address (an appservice's, a
+// negative one) is never served to another address.
+func TestWhoamiAddressBoundAnswers(t *testing.T) {
+	const outsider = "192.0.2.1"
+	type step struct {
+		addr, uri string
+		want      int
+	}
+	masq := whoamiV3 + "?user_id=@fenced_x:hs"
+	tests := []struct {
+		name  string
+		steps []step
+		calls int64
+	}{
+		{"allowed first", []step{{fencedAddr, whoamiV3, 200}, {fencedAddr, whoamiV3, 200}, {outsider, whoamiV3, 401}}, 2},
+		{"outsider first", []step{{outsider, whoamiV3, 401}, {outsider, whoamiV3, 401}, {fencedAddr, whoamiV3, 200}, {fencedAddr, whoamiV3, 200}}, 2},
+		{"masquerade, allowed first", []step{{fencedAddr, masq, 200}, {fencedAddr, masq, 200}, {outsider, masq, 401}}, 2},
+		{"masquerade, outsider first", []step{{outsider, masq, 401}, {fencedAddr, masq, 200}}, 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.serveFenced(nil)
+			for i, s := range tt.steps {
+				if code, body := h.whoamiFrom(s.addr, s.uri, "as_fenced"); code != s.want {
+					t.Errorf("step %d from %s: %d %s, want %d", i, s.addr, code, body, s.want)
+				}
+			}
+			if n := h.hs.whoamiCalls.Load(); n != tt.calls {
+				t.Errorf("homeserver whoami calls: %d, want %d (the repeats from the cache)", n, tt.calls)
+			}
+		})
+	}
+}
+
+// An ordinary user's answer still holds for every address: one lookup.
+func TestWhoamiOrdinaryAnswerIsShared(t *testing.T) {
+	h := newHarness(t)
+	tok := h.hs.login("@alice:hs", "PHONE")
+	for _, addr := range []string{"192.0.2.1", "192.0.2.2", "2001:db8::1"} {
+		if code, body := h.whoamiFrom(addr, whoamiV3, tok); code != 200 {
+			t.Errorf("from %s: %d %s", addr, code, body)
+		}
+	}
+	if n := h.hs.whoamiCalls.Load(); n != 1 {
+		t.Errorf("homeserver whoami calls: %d, want 1", n)
+	}
+}
+
+// Concurrent misses of one appservice token from two addresses are two
+// lookups: one's answer is not the other's.
+func TestWhoamiConcurrentMissesFromTwoAddresses(t *testing.T) {
+	h := newHarness(t)
+	var arrived atomic.Int32
+	both := make(chan struct{})
+	h.serveFenced(func() {
+		if arrived.Add(1) == 2 {
+			close(both)
+		}
+		select { // both lookups must be in flight at once
+		case <-both:
+		case <-time.After(10 * time.Second):
+			t.Error("the second address's lookup never reached the homeserver")
+		}
+	})
+	want := map[string]int{fencedAddr: 200, "192.0.2.1": 401}
+	var wg sync.WaitGroup
+	for addr, code := range want {
+		wg.Go(func() {
+			if got, body := h.whoamiFrom(addr, whoamiV3, "as_fenced"); got != code {
+				t.Errorf("from %s: %d %s, want %d", addr, got, body, code)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// Synapse ignores user_id on an ordinary user's token: 2,000 whoami calls
+// with one token and distinct user_id values are answered right and make
+// no more than one cache entry, so one client cannot push everyone else out.
+// A masquerade the homeserver did not carry out as asked is not stored.
+func TestWhoamiUnheldMasqueradeIsNotStored(t *testing.T) {
+	h := newHarness(t)
+	const alice = "syt_alice_token"
+	const aliceBody = `{"user_id":"@alice:hs","is_guest":false,"device_id":"PHONE"}`
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.HasSuffix(r.URL.Path, "/whoami") {
+			return false
+		}
+		h.hs.whoamiCalls.Add(1)
+		switch r.Header.Get("Authorization") {
+		case "Bearer " + alice:
+			writeJSON(w, 200, aliceBody)
+		default: // an appservice that answers without the device asked for
+			writeJSON(w, 200, fmt.Sprintf(`{"user_id":%q,"is_guest":false}`, r.URL.Query().Get("user_id")))
+		}
+		return true
+	})
+	const n = 2000
+	for i := range n {
+		code, body := h.whoamiFrom("192.0.2.1", fmt.Sprintf("%s?user_id=@x%d:hs", whoamiV3, i), alice)
+		if code != 200 || body != aliceBody {
+			t.Fatalf("request %d: %d %s", i, code, body)
+		}
+	}
+	if got := h.counter("matrix_auth_proxy_token_cache_entries"); got > 1 {
+		t.Errorf("%d whoami calls with distinct user_id made %v cache entries, want at most 1", n, got)
+	}
+	for range 2 {
+		if code, _ := h.whoamiFrom("192.0.2.1", whoamiV3+"?user_id=@bob:hs&device_id=BOBDEV", "as_token"); code != 200 {
+			t.Errorf("masquerade: %d", code)
+		}
+	}
+	if calls := h.hs.whoamiCalls.Load(); calls != n+2 {
+		t.Errorf("homeserver whoami calls: %d, want %d (nothing stored)", calls, n+2)
+	}
 }

@@ -217,3 +217,82 @@ func TestHeapPerToken(t *testing.T) {
 	t.Logf("%d tokens over %d users: heap per token: %.0f bytes", n, users, float64(after.HeapAlloc-before.HeapAlloc)/float64(n))
 	runtime.KeepAlive(c)
 }
+
+// benchInvalidate times drop, which must drop want answers, after refill
+// (not timed) each round. Besides ns/op it reports how long the invalidation
+// held the cache's lock at once (every other request waits that long at
+// worst), measured between the pauses of a batched invalidation: the mean
+// (hold-ns-mean) and the longest (hold-ns-max; wall time, so it also counts
+// a GC pause or the goroutine being descheduled on a busy machine).
+func benchInvalidate(b *testing.B, c *Cache, refill func(), drop func() int, want int) {
+	var last time.Time
+	var maxHold, total time.Duration
+	holds := 0
+	hold := func() {
+		d := time.Since(last)
+		maxHold, total, holds = max(maxHold, d), total+d, holds+1
+	}
+	c.betweenBatches = func() {
+		hold()
+		last = time.Now()
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		b.StopTimer()
+		refill()
+		b.StartTimer()
+		last = time.Now()
+		if n := drop(); n != want {
+			b.Fatalf("dropped %d, want %d", n, want)
+		}
+		hold()
+	}
+	b.ReportMetric(float64(total.Nanoseconds())/float64(holds), "hold-ns-mean")
+	b.ReportMetric(float64(maxHold.Nanoseconds()), "hold-ns-max")
+}
+
+// BenchmarkInvalidateTokenVariants drops a bridge's token that masquerades
+// as 100,000 users (a cache of 110,000, 10,000 of them other tokens'):
+// linear in the variants, in batches of invalidationBatch.
+func BenchmarkInvalidateTokenVariants(b *testing.B) {
+	const n = 100_000
+	c, h := benchCache(b, n+10_000)
+	fillN(b, c, h, "other", 10_000, func(i int) string { return fmt.Sprintf("@user%07d:example.org", i) })
+	keys, answers := make([]Key, n), make([]Answer, n)
+	for i := range n {
+		u := fmt.Sprintf("@bridge_%07d:example.org", i)
+		keys[i] = h.Key("as_bridge_token", Masquerade{UserID: u})
+		answers[i] = Answer{Kind: Positive, UserID: u, Body: `{"user_id":"` + u + `","is_guest":false}`, Meta: sharedMeta}
+	}
+	refill := func() {
+		for i := range keys {
+			c.fill(keys[i], c.seqNow(), answers[i])
+		}
+	}
+	benchInvalidate(b, c, refill, func() int { return c.InvalidateToken(keys[0].Token, "logout") }, n)
+	if c.Len() != 10_000 {
+		b.Fatalf("held %d, want the 10,000 others", c.Len())
+	}
+}
+
+// BenchmarkInvalidateUserDevices drops a user holding 10,000 tokens (one
+// per device) from a cache of 20,000.
+func BenchmarkInvalidateUserDevices(b *testing.B) {
+	const n = 10_000
+	c, h := benchCache(b, 2*n)
+	fillN(b, c, h, "other", n, func(i int) string { return fmt.Sprintf("@user%07d:example.org", i) })
+	keys, answers := make([]Key, n), make([]Answer, n)
+	for i := range n {
+		keys[i] = h.Key(benchToken("bot", i), Masquerade{})
+		answers[i] = productionAnswer(b, "@bot:example.org", fmt.Sprintf("DEV%07d", i))
+	}
+	refill := func() {
+		for i := range keys {
+			c.fill(keys[i], c.seqNow(), answers[i])
+		}
+	}
+	benchInvalidate(b, c, refill, func() int { return c.InvalidateUser("@bot:example.org", TokenID{}, "deactivate") }, n)
+	if c.Len() != n {
+		b.Fatalf("held %d, want the %d others", c.Len(), n)
+	}
+}

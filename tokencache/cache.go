@@ -6,7 +6,11 @@
 // token, never the token itself. Answers expire per entry, can be dropped by
 // token, by user+device or by user, and concurrent misses for one key share
 // one lookup. A lookup that was in flight while an invalidation that concerns
-// its answer happened never stores that answer.
+// its answer happened never stores that answer. An answer that holds only for
+// the client that got it (the caller says so, Answer.Bound) is stored under
+// a key bound to that client (Hasher.Bind) and served to no other.
+// Invalidation costs time linear in what it drops, and a large one yields
+// the lock between batches.
 //
 // It deliberately knows nothing about HTTP or Matrix endpoints: what an answer
 // means, which responses may be cached and which calls revoke what is the
@@ -58,6 +62,11 @@ type Answer struct {
 	// comparable, and a cache stores answers with at most 256 distinct ones:
 	// pass shared pointers.
 	Meta any
+	// Bound says the answer holds only for the client it was learned for
+	// (the homeserver's answer depended on who asked, e.g. on the client's
+	// address): ResolveBound stores it under the bound key, never the shared
+	// one. Set by Fetch; Get leaves it false.
+	Bound bool
 }
 
 // Result is the outcome of a cache lookup.
@@ -195,6 +204,7 @@ func alive(e entry, now int64) bool { return now < e.expires }
 
 // Cache is safe for concurrent use.
 type Cache struct {
+	size          int
 	ttl, negTTL   time.Duration
 	lookupTimeout time.Duration
 	now           func() time.Time
@@ -208,11 +218,18 @@ type Cache struct {
 	pos *simplelru.LRU[Key, entry]
 	neg *simplelru.LRU[Key, entry] // nil when NegativeTTL is 0
 	// users indexes positive entries by user ID (for per-device and per-user
-	// invalidation); variants indexes the masqueraded keys of a token (plain
-	// keys need no index: Key{Token: id} finds them). Both only ever hold
-	// keys that are in pos or neg, so Size bounds them too.
-	users    map[string][]Key
-	variants map[TokenID][]Key
+	// invalidation); variants indexes the masqueraded and bound keys of a
+	// token (plain keys need no index: Key{Token: id} finds them). Both only
+	// ever hold keys that are in pos or neg, so Size bounds them too.
+	users    keySets[string]
+	variants keySets[TokenID]
+	// pending are the invalidations being carried out in batches (see
+	// Apply): until they end, Get serves and fill stores no answer they
+	// cover.
+	pending []*Invalidation
+	// betweenBatches, if set (tests), runs between two batches of a large
+	// invalidation, without the lock.
+	betweenBatches func()
 	// deadlines remembers the end of life the homeserver announced for a
 	// token (expires_in_ms) before that token is ever looked up.
 	deadlines *simplelru.LRU[TokenID, int64]
@@ -222,6 +239,8 @@ type Cache struct {
 	// unless an invalidation is under way.
 	dropping Reason
 	dropped  int
+	// replacing tells the eviction callback that clearKey is at work.
+	replacing bool
 	// log remembers recent invalidations, so a lookup that started before
 	// one of them can tell whether its answer is stale (see fill).
 	seq uint64
@@ -273,14 +292,15 @@ func New(cfg Config) (*Cache, error) {
 		return nil, errors.New("tokencache: LookupTimeout must be positive")
 	}
 	c := &Cache{
+		size:          cfg.Size,
 		ttl:           cfg.TTL,
 		negTTL:        cfg.NegativeTTL,
 		lookupTimeout: cfg.LookupTimeout,
 		now:           cfg.Now,
 		onDrop:        cfg.OnDrop,
 		onInvalidate:  cfg.OnInvalidate,
-		users:         make(map[string][]Key),
-		variants:      make(map[TokenID][]Key),
+		users:         newKeySets[string](),
+		variants:      newKeySets[TokenID](),
 		dropping:      ReasonCapacity,
 	}
 	if c.now == nil {
@@ -323,17 +343,19 @@ func (c *Cache) Get(key Key) (Answer, Result) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if e, ok := c.pos.Get(key); ok {
-		if alive(e, now) {
+		if !alive(e, now) {
+			c.remove(c.pos, key, ReasonExpired)
+		} else if len(c.pending) == 0 || !c.coveredByPending(key, true, e.userID(), e.deviceID()) {
 			return c.unpack(e, Positive), Hit
 		}
-		c.remove(c.pos, key, ReasonExpired)
 	}
 	if c.neg != nil {
 		if e, ok := c.neg.Get(key); ok {
-			if alive(e, now) {
+			if !alive(e, now) {
+				c.remove(c.neg, key, ReasonExpired)
+			} else if len(c.pending) == 0 || !c.coveredByPending(key, false, "", "") {
 				return c.unpack(e, Negative), NegativeHit
 			}
-			c.remove(c.neg, key, ReasonExpired)
 		}
 	}
 	return Answer{}, Miss
@@ -344,19 +366,30 @@ func (c *Cache) Get(key Key) (Answer, Result) {
 // from fetch is stored unless an invalidation that concerns it happened while
 // it was in flight. The caller's ctx only bounds its own wait.
 func (c *Cache) Resolve(ctx context.Context, key Key, fetch Fetch) (Answer, Result, error) {
-	if a, r := c.Get(key); r != Miss {
+	return c.ResolveBound(ctx, key, key, fetch)
+}
+
+// ResolveBound is Resolve for a request whose answer may hold only for its
+// client: bound is the request's key bound to that client (Hasher.Bind of
+// key). Answers with Bound set are stored and found under bound, the others
+// under key, where every client finds them. Concurrent callers share a fetch
+// only when they share bound, so no client is handed an answer the
+// homeserver gave another.
+func (c *Cache) ResolveBound(ctx context.Context, key, bound Key, fetch Fetch) (Answer, Result, error) {
+	if a, r := c.get2(key, bound); r != Miss {
 		return a, r, nil
 	}
 	c.mu.Lock()
 	seq := c.seq
 	c.mu.Unlock()
-	// The flight is named after the key and the invalidation sequence, so a
-	// caller that arrives after an invalidation never joins a lookup that
-	// started before it (and may have been answered before it).
-	ch := c.flights.DoChan(flightName(key, seq), func() (any, error) {
+	// The flight is named after the bound key and the invalidation sequence:
+	// a caller that arrives after an invalidation never joins a lookup that
+	// started before it (and may have been answered before it), and callers
+	// of different clients never share a lookup whose answer may be bound.
+	ch := c.flights.DoChan(flightName(bound, seq), func() (any, error) {
 		// A flight that just ended may have filled the key between this
 		// caller's Get and DoChan: do not ask the homeserver twice.
-		if a, r := c.Get(key); r != Miss {
+		if a, r := c.get2(key, bound); r != Miss {
 			return a, nil
 		}
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.lookupTimeout)
@@ -365,7 +398,11 @@ func (c *Cache) Resolve(ctx context.Context, key Key, fetch Fetch) (Answer, Resu
 		if err != nil {
 			return Answer{}, err
 		}
-		c.fill(key, seq, a)
+		if a.Bound {
+			c.fill(bound, seq, a)
+		} else {
+			c.fill(key, seq, a)
+		}
 		return a, nil
 	})
 	select {
@@ -377,6 +414,15 @@ func (c *Cache) Resolve(ctx context.Context, key Key, fetch Fetch) (Answer, Resu
 	case <-ctx.Done():
 		return Answer{}, Miss, ctx.Err()
 	}
+}
+
+// get2 looks key up, then bound if it differs.
+func (c *Cache) get2(key, bound Key) (Answer, Result) {
+	a, r := c.Get(key)
+	if r == Miss && bound != key {
+		a, r = c.Get(bound)
+	}
+	return a, r
 }
 
 func flightName(key Key, seq uint64) string {
@@ -396,7 +442,7 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 	now := c.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.stale(key, seq, a) {
+	if c.stale(key, seq, a) || (len(c.pending) > 0 && c.coveredByPending(key, a.Kind == Positive, a.UserID, a.DeviceID)) {
 		return
 	}
 	if a.Kind == Negative {
@@ -404,9 +450,7 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 		if !ok {
 			return
 		}
-		if old, ok := c.neg.Peek(key); ok {
-			c.unindex(key, old)
-		}
+		c.clearKey(key)
 		c.neg.Add(key, e)
 		c.indexVariant(key)
 		c.flushDrops()
@@ -424,14 +468,10 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 	if !ok || !alive(e, now.UnixNano()) {
 		return
 	}
-	if old, ok := c.pos.Peek(key); ok {
-		// A refill of a live key (two lookups on either side of an unrelated
-		// invalidation): Add replaces the value in place, so unindex the old.
-		c.unindex(key, old)
-	}
+	c.clearKey(key)
 	c.pos.Add(key, e)
 	if user := e.userID(); user != "" {
-		c.users[user] = append(c.users[user], key)
+		c.users.add(user, key)
 	}
 	c.indexVariant(key)
 	c.flushDrops()
@@ -449,22 +489,8 @@ func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
 		return true // too much happened to tell: do not store
 	}
 	for s := seq + 1; s <= c.seq; s++ {
-		inv := &c.log[s%invalidationLog]
-		switch inv.Scope {
-		case ScopeAll:
+		if covers(&c.log[s%invalidationLog].Invalidation, key, true, a.UserID, a.DeviceID) {
 			return true
-		case ScopeToken:
-			if inv.Token == key.Token {
-				return true
-			}
-		case ScopeDevice:
-			if a.Kind == Positive && a.UserID == inv.UserID && a.DeviceID == inv.DeviceID {
-				return true
-			}
-		case ScopeUser:
-			if a.Kind == Positive && a.UserID == inv.UserID && inv.Token != key.Token {
-				return true
-			}
 		}
 	}
 	return false
@@ -472,13 +498,16 @@ func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
 
 func (c *Cache) indexVariant(key Key) {
 	if key.Variant != 0 {
-		c.variants[key.Token] = append(c.variants[key.Token], key)
+		c.variants.add(key.Token, key)
 	}
 }
 
 // evicted is the LRUs' eviction callback: it keeps the indexes in step and
 // counts the drop. Called with mu held.
 func (c *Cache) evicted(key Key, e entry) {
+	if c.replacing {
+		return
+	}
 	c.unindex(key, e)
 	c.dropped++
 	if c.dropping == ReasonCapacity {
@@ -487,31 +516,33 @@ func (c *Cache) evicted(key Key, e entry) {
 	}
 }
 
-// unindex removes key, holding e, from the indexes. Called with mu held.
-func (c *Cache) unindex(key Key, e entry) {
-	if user := e.userID(); user != "" {
-		c.users[user] = removeKey(c.users[user], key)
-		if len(c.users[user]) == 0 {
-			delete(c.users, user)
+// clearKey takes out what is held under key before a new answer is stored
+// there, without counting it as dropped: a refill of a live key (two lookups
+// on either side of an unrelated invalidation), or an answer of the other
+// kind. A key holds one answer, in one LRU, so the indexes (sets) hold it
+// once. Called with mu held.
+func (c *Cache) clearKey(key Key) {
+	for _, lru := range [...]*simplelru.LRU[Key, entry]{c.pos, c.neg} {
+		if lru == nil {
+			continue
 		}
-	}
-	if key.Variant != 0 {
-		c.variants[key.Token] = removeKey(c.variants[key.Token], key)
-		if len(c.variants[key.Token]) == 0 {
-			delete(c.variants, key.Token)
+		if old, ok := lru.Peek(key); ok {
+			c.unindex(key, old)
+			c.replacing = true
+			lru.Remove(key)
+			c.replacing = false
 		}
 	}
 }
 
-func removeKey(keys []Key, key Key) []Key {
-	for i, k := range keys {
-		if k == key {
-			last := len(keys) - 1
-			keys[i] = keys[last]
-			return keys[:last]
-		}
+// unindex removes key, holding e, from the indexes. Called with mu held.
+func (c *Cache) unindex(key Key, e entry) {
+	if user := e.userID(); user != "" {
+		c.users.remove(user, key)
 	}
-	return keys
+	if key.Variant != 0 {
+		c.variants.remove(key.Token, key)
+	}
 }
 
 // remove drops key from lru for reason. Called with mu held.
@@ -528,13 +559,6 @@ func (c *Cache) flushDrops() {
 	}
 	c.dropped = 0
 	c.dropping = ReasonCapacity
-}
-
-// tokenKeys returns every key held for a token, in both LRUs. Called with mu
-// held.
-func (c *Cache) tokenKeys(id TokenID) []Key {
-	keys := []Key{{Token: id}}
-	return append(keys, c.variants[id]...)
 }
 
 // InvalidateToken drops every answer for a token (all masquerade variants)
@@ -572,51 +596,130 @@ func (c *Cache) invalidate(inv Invalidation) int {
 // invalidations decided elsewhere (another replica). It returns how many
 // answers it dropped. Like every invalidation, it also keeps lookups in
 // flight from storing answers it concerns.
+//
+// Its work is linear in the keys indexed under the token or user it
+// concerns, and it never holds the cache's lock for more than
+// invalidationBatch of them: a bridge's token with 100,000 masquerades is
+// dropped in batches while other requests go on. Until the last batch is
+// done the invalidation is pending: Get serves no answer it covers and no
+// lookup stores one, so dropping in batches is never seen from outside.
 func (c *Cache) Apply(inv Invalidation) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.seq++
 	c.log[c.seq%invalidationLog] = invalidation{inv, c.seq}
-	var keys []Key
+	if inv.Scope == ScopeAll {
+		return c.purge(inv.Reason)
+	}
+	var small []Key
+	var big map[Key]struct{}
 	switch inv.Scope {
 	case ScopeToken:
-		keys = c.tokenKeys(inv.Token)
-	case ScopeDevice:
-		for _, k := range c.users[inv.UserID] {
-			if e, ok := c.pos.Peek(k); ok && e.deviceID() == inv.DeviceID {
-				keys = append(keys, k)
-			}
-		}
-	case ScopeUser:
-		for _, k := range c.users[inv.UserID] {
-			if inv.Token == (TokenID{}) || k.Token != inv.Token {
-				keys = append(keys, k)
-			}
-		}
-	case ScopeAll:
-		n := c.pos.Len()
-		c.dropping = inv.Reason
-		c.pos.Purge()
-		if c.neg != nil {
-			n += c.neg.Len()
-			c.neg.Purge()
-		}
-		c.flushDrops()
-		return n
+		small, big = c.variants.get(inv.Token)
+		small = append(small, Key{Token: inv.Token})
+	case ScopeDevice, ScopeUser:
+		small, big = c.users.get(inv.UserID)
 	}
-	return c.dropKeys(keys, inv.Reason)
+	c.dropping = inv.Reason
+	n := 0
+	for _, k := range small {
+		n += c.dropIfCovered(&inv, k)
+	}
+	batched := len(big) > invalidationBatch
+	if batched {
+		c.pending = append(c.pending, &inv)
+		defer c.endPending(&inv)
+	}
+	visited := 0
+	// big is walked across lock releases: every access to it, the range's
+	// steps included, happens with c.mu held, and Go defines ranging over a
+	// map that changes between steps (a key removed before it is reached is
+	// not produced; every key present throughout is). Keys added meanwhile
+	// are not covered (pending keeps covered ones out) and are checked
+	// anyway.
+	for k := range big {
+		n += c.dropIfCovered(&inv, k)
+		if visited++; batched && visited%invalidationBatch == 0 {
+			c.flushDrops()
+			c.mu.Unlock()
+			if c.betweenBatches != nil {
+				c.betweenBatches()
+			}
+			c.mu.Lock()
+			c.dropping = inv.Reason
+		}
+	}
+	c.flushDrops()
+	return n
 }
 
-// dropKeys removes keys from both LRUs for reason. Called with mu held.
-func (c *Cache) dropKeys(keys []Key, reason Reason) int {
-	c.dropping = reason
-	for _, k := range keys {
+// invalidationBatch is the most keys an invalidation visits per hold of the
+// cache's lock.
+const invalidationBatch = 500
+
+// dropIfCovered drops what is held under k if inv covers it, and returns how
+// many answers that was (0, 1 or 2). Called with mu held and c.dropping set.
+func (c *Cache) dropIfCovered(inv *Invalidation, k Key) int {
+	n := 0
+	if e, ok := c.pos.Peek(k); ok && covers(inv, k, true, e.userID(), e.deviceID()) {
 		c.pos.Remove(k)
-		if c.neg != nil {
-			c.neg.Remove(k)
+		n++
+	}
+	if inv.Scope == ScopeToken && c.neg != nil && c.neg.Remove(k) {
+		n++
+	}
+	return n
+}
+
+// covers reports whether inv concerns an answer held under key (positive,
+// for user and device, or negative): the one rule for what an invalidation
+// drops, what a pending one hides and which lookups it makes stale.
+func covers(inv *Invalidation, key Key, positive bool, user, device string) bool {
+	switch inv.Scope {
+	case ScopeAll:
+		return true
+	case ScopeToken:
+		return key.Token == inv.Token
+	case ScopeDevice:
+		return positive && user == inv.UserID && device == inv.DeviceID
+	case ScopeUser:
+		return positive && user == inv.UserID && (inv.Token == TokenID{} || key.Token != inv.Token)
+	}
+	return false
+}
+
+// coveredByPending reports whether a pending invalidation covers an answer
+// under key. Called with mu held.
+func (c *Cache) coveredByPending(key Key, positive bool, user, device string) bool {
+	for _, inv := range c.pending {
+		if covers(inv, key, positive, user, device) {
+			return true
 		}
 	}
-	n := c.dropped
+	return false
+}
+
+// endPending removes inv from the pending invalidations. Called with mu held.
+func (c *Cache) endPending(inv *Invalidation) {
+	for i, p := range c.pending {
+		if p == inv {
+			c.pending = append(c.pending[:i], c.pending[i+1:]...)
+			return
+		}
+	}
+}
+
+// purge drops every answer in constant time: the LRUs and indexes are
+// replaced, not emptied one entry at a time. Called with mu held.
+func (c *Cache) purge(reason Reason) int {
+	n := c.pos.Len()
+	c.pos, _ = simplelru.NewLRU(c.size, c.evicted)
+	if c.neg != nil {
+		n += c.neg.Len()
+		c.neg, _ = simplelru.NewLRU(max(c.size/8, 1), c.evicted)
+	}
+	c.users, c.variants = newKeySets[string](), newKeySets[TokenID]()
+	c.dropping, c.dropped = reason, n
 	c.flushDrops()
 	return n
 }
@@ -629,11 +732,19 @@ func (c *Cache) LimitLifetime(id TokenID, notAfter time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.deadlines.Add(id, d)
-	for _, k := range c.tokenKeys(id) {
+	limit := func(k Key) {
 		if e, ok := c.pos.Peek(k); ok && d < e.expires {
 			e.expires = d
 			c.pos.Add(k, e)
 		}
+	}
+	limit(Key{Token: id})
+	small, big := c.variants.get(id)
+	for _, k := range small {
+		limit(k)
+	}
+	for k := range big {
+		limit(k)
 	}
 }
 

@@ -259,7 +259,7 @@ func TestInvalidateTokenDropsEveryVariant(t *testing.T) {
 	if got := f.drops.get("logout"); got != 3 {
 		t.Errorf("drops counted for logout: %d", got)
 	}
-	if len(f.c.variants) != 0 || len(f.c.users["@bob:x"]) != 1 {
+	if f.c.variants.count() != 0 || f.c.users.len("@bob:x") != 1 {
 		t.Errorf("indexes not cleaned: variants=%v users=%v", f.c.variants, f.c.users)
 	}
 }
@@ -323,13 +323,9 @@ func TestSizeBoundsEntriesAndIndexes(t *testing.T) {
 	if f.c.pos.Len() != 16 || f.c.neg.Len() != 2 {
 		t.Errorf("LRU sizes: pos %d neg %d", f.c.pos.Len(), f.c.neg.Len())
 	}
-	indexed := 0
-	for _, keys := range f.c.users {
-		indexed += len(keys)
-	}
-	if indexed != 16 || len(f.c.users) != 16 || len(f.c.variants) > 16 {
+	if indexed := f.c.users.total(); indexed != 16 || f.c.users.count() != 16 || f.c.variants.count() > 16 {
 		t.Errorf("indexes outgrew the cache: %d keys for %d users, %d variant tokens",
-			indexed, len(f.c.users), len(f.c.variants))
+			indexed, f.c.users.count(), f.c.variants.count())
 	}
 	if got := f.drops.get(ReasonCapacity); got != 3*5000-18 {
 		t.Errorf("capacity drops: got %d, want %d", got, 3*5000-18)
@@ -578,8 +574,8 @@ func TestConcurrentUse(t *testing.T) {
 	f.c.Flush("test")
 	f.c.mu.Lock()
 	defer f.c.mu.Unlock()
-	if len(f.c.users) != 0 || len(f.c.variants) != 0 {
-		t.Errorf("indexes not empty after flush: %d users, %d variants", len(f.c.users), len(f.c.variants))
+	if f.c.users.count() != 0 || f.c.variants.count() != 0 {
+		t.Errorf("indexes not empty after flush: %d users, %d variants", f.c.users.count(), f.c.variants.count())
 	}
 }
 
