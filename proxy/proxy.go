@@ -156,9 +156,12 @@ func New(cfg Config) (*Proxy, error) {
 // future invalidation bus).
 func (p *Proxy) Cache() *tokencache.Cache { return p.cache }
 
-// caller is what the proxy knows about who sent a request: its credentials
-// and, if the cache holds one, the answer for them.
+// caller is what the proxy knows about who sent a request, worked out once
+// per request: the client's address, its credentials as the homeserver
+// reads them and, if the cache holds one, the answer for them.
 type caller struct {
+	addr   netip.Addr // as clientAddr finds it
+	auth   requestAuth
 	creds  credentials
 	ok     bool // creds are usable for the cache
 	key    tokencache.Key
@@ -166,12 +169,14 @@ type caller struct {
 	result tokencache.Result
 }
 
-// identify extracts the credentials of a request and looks them up in the
-// cache, without asking the homeserver.
+// identify works out who sends a request and looks its credentials up in
+// the cache, without asking the homeserver.
 func (p *Proxy) identify(r *http.Request, c *caller) {
-	if c.creds, c.ok = extractCredentials(r); c.ok {
+	c.addr = clientAddr(r, p.trusted)
+	c.auth = readAuth(r)
+	if c.creds, c.ok = c.auth.credentials(); c.ok {
 		c.key = p.hasher.Key(c.creds.token, c.creds.masq)
-		c.answer, c.result = p.cached(r, c.key, c.creds)
+		c.answer, c.result = p.cached(c.addr, c.key, c.creds)
 	}
 }
 
@@ -216,7 +221,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // allow charges a request to its bucket, and answers 429 itself when the
 // bucket is empty: a limited request never reaches the homeserver.
 func (p *Proxy) allow(w http.ResponseWriter, r *http.Request, c *caller) bool {
-	addr := clientAddr(r, p.trusted)
+	addr := c.addr
 	if inAny(addr, p.limiter.exemptCIDRs) {
 		return true
 	}

@@ -68,11 +68,10 @@ func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route, 
 	defer cancel()
 	r = r.WithContext(context.WithValue(ctx, planKey{}, pl))
 
-	a := readAuth(r)
-	if a.token != "" {
+	if a := &c.auth; a.token != "" {
 		pl.token, pl.caller = p.hasher.Token(a.token), callerToken
 	}
-	if pl.needs&needCaller != 0 && a.state == authToken && !p.resolveCaller(w, r, c, &a, pl) {
+	if pl.needs&needCaller != 0 && c.auth.state == authToken && !p.resolveCaller(w, r, c, pl) {
 		return
 	}
 	if r.Body != nil && r.Body != http.NoBody {
@@ -86,7 +85,8 @@ func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route, 
 // see. It returns false, having answered the client, when the homeserver
 // cannot say: the call is then not forwarded, since what it would revoke
 // could not be named.
-func (p *Proxy) resolveCaller(w http.ResponseWriter, r *http.Request, c *caller, a *requestAuth, pl *plan) bool {
+func (p *Proxy) resolveCaller(w http.ResponseWriter, r *http.Request, c *caller, pl *plan) bool {
+	a := &c.auth
 	m, _ := a.masquerade()
 	// An empty masquerade parameter is dropped: an ordinary token's
 	// call is the same without it, an appservice's fails (no revocation).
@@ -97,11 +97,11 @@ func (p *Proxy) resolveCaller(w http.ResponseWriter, r *http.Request, c *caller,
 	key := p.hasher.Key(creds.token, creds.masq)
 	ans, res := c.answer, c.result
 	if !c.ok || c.key != key {
-		ans, res = p.cache.Get(key)
+		ans, res = p.cached(c.addr, key, creds)
 	}
 	if res == tokencache.Miss {
 		var err error
-		if ans, res, err = p.resolve(r, key, creds); err != nil {
+		if ans, res, err = p.resolve(r, c.addr, key, creds); err != nil {
 			p.lookupFailed(w, r, err)
 			return false
 		}

@@ -110,6 +110,11 @@ type credentials struct {
 // request: no usable token (see readAuth) or an empty masquerade parameter.
 func extractCredentials(r *http.Request) (credentials, bool) {
 	a := readAuth(r)
+	return a.credentials()
+}
+
+// credentials are the cache's view of a: see extractCredentials.
+func (a *requestAuth) credentials() (credentials, bool) {
 	if a.state != authToken {
 		return credentials{}, false
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"maps"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -26,7 +27,7 @@ func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request, c *caller) {
 	a, res := c.answer, c.result
 	if res == tokencache.Miss {
 		var err error
-		if a, res, err = p.resolve(r, c.key, c.creds); err != nil {
+		if a, res, err = p.resolve(r, c.addr, c.key, c.creds); err != nil {
 			p.lookupFailed(w, r, err)
 			return
 		}
@@ -41,26 +42,26 @@ func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request, c *caller) {
 // them (see bindsClient) are found under the key bound to the client's
 // address, looked at only when that misses. A masqueraded request's answer
 // is always bound, so only its bound key is looked at.
-func (p *Proxy) cached(r *http.Request, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result) {
+func (p *Proxy) cached(addr netip.Addr, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result) {
 	if c.masq.IsZero() {
 		if a, res := p.cache.Get(key); res != tokencache.Miss {
 			return a, res
 		}
 	}
-	return p.cache.Get(p.hasher.Bind(key, clientAddr(r, p.trusted)))
+	return p.cache.Get(p.hasher.Bind(key, addr))
 }
 
 // resolve gets the answer for a token from the cache or, sharing the call
 // with concurrent requests for the same key from the same client, from the
 // homeserver.
-func (p *Proxy) resolve(r *http.Request, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result, error) {
+func (p *Proxy) resolve(r *http.Request, addr netip.Addr, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result, error) {
 	wr := upstream.WhoamiRequest{Token: c.token, Query: masqueradeQuery(c.masq), Forward: http.Header{}}
 	p.setForwarded(wr.Forward, r)
 	if ua := r.Header["User-Agent"]; len(ua) > 0 {
 		// Synapse records the user agent per device; keep it the client's.
 		wr.Forward["User-Agent"] = ua
 	}
-	bound := p.hasher.Bind(key, clientAddr(r, p.trusted))
+	bound := p.hasher.Bind(key, addr)
 	return p.cache.ResolveBound(r.Context(), key, bound, func(ctx context.Context) (tokencache.Answer, error) {
 		reply, err := p.lookups.Whoami(ctx, wr)
 		if err != nil {
