@@ -1,0 +1,269 @@
+package proxy
+
+// Adversarial review of the revoking-call code (routes.go, effects.go,
+// revoke.go, token.go). Each test here demonstrates a way to break the
+// promise and FAILS on the code under review; see the report of branch
+// h-review. The fake homeserver's overrides reproduce, for the one request
+// each test makes, what Synapse 1.163 / Twisted do (cited at each).
+
+import (
+	"bufio"
+	"io"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// twistedArgs is request.args as Twisted builds it
+// (twisted/web/http.py Request.requestReceived): the query parsed with
+// parse_qs, then, for a POST with a non-empty body of Content-Type
+// application/x-www-form-urlencoded, args.update(parse_qs(body)) — a body
+// key replaces the query's values for that key. Synapse's Site keeps
+// _parsePOSTFormSubmission at its default, True.
+func twistedArgs(r *http.Request, body []byte) map[string][]string {
+	args := synapseQuery(r.URL.RawQuery)
+	ct := strings.ToLower(strings.TrimSpace(strings.SplitN(r.Header.Get("Content-Type"), ";", 2)[0]))
+	if r.Method == http.MethodPost && ct == "application/x-www-form-urlencoded" && len(body) > 0 {
+		for k, v := range synapseQuery(string(body)) {
+			args[k] = v
+		}
+	}
+	return args
+}
+
+// synapseToken is get_access_token_from_request (synapse/api/auth/base.py)
+// over Twisted's args.
+func synapseToken(r *http.Request, args map[string][]string) string {
+	if h := r.Header.Values("Authorization"); len(h) > 0 {
+		if _, q := args["access_token"]; q {
+			return ""
+		}
+		tok, _ := strings.CutPrefix(h[0], "Bearer ")
+		return tok
+	}
+	if q := args["access_token"]; len(q) > 0 {
+		return q[0]
+	}
+	return ""
+}
+
+// synapseLogout makes the fake homeserver answer POST …/logout the way
+// Synapse's LogoutRestServlet does, with the token Synapse reads (form
+// bodies included): the caller's device goes with its tokens.
+func synapseLogout(hs *fakeHS) func(w http.ResponseWriter, r *http.Request) bool {
+	return func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodPost || !strings.HasSuffix(r.URL.Path, "/logout") {
+			return false
+		}
+		body, _ := io.ReadAll(r.Body)
+		tok := synapseToken(r, twistedArgs(r, body))
+		hs.mu.Lock()
+		s, ok := hs.sessions[tok]
+		hs.mu.Unlock()
+		if !ok {
+			writeJSON(w, 401, unknownToken)
+			return true
+		}
+		hs.revoke(func(_ string, o session) bool { return o == s })
+		writeJSON(w, 200, `{}`)
+		return true
+	}
+}
+
+var formContent = http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
+
+// Finding 1 (high): POST /logout with the token in a form-encoded body.
+// Twisted merges the body into request.args, so Synapse authenticates the
+// call with it and logs that token out; the proxy sees no token at all
+// (callerNone) and a success, and flushes the whole cache. Any user can do
+// it as often as they can log in.
+func TestReviewFormBodyTokenFlushesEveryone(t *testing.T) {
+	h := newHarness(t)
+	tok := h.hs.login("@alice:hs", "PHONE")
+	bystander := h.hs.login("@bob:hs", "BOB")
+	h.whoami(tok)
+	h.whoami(bystander)
+	h.hs.setOverride(synapseLogout(h.hs))
+
+	h.call(200, "POST", "/_matrix/client/v3/logout", formContent, "access_token="+tok)
+
+	if status, _ := h.whoami(tok); status != 401 {
+		t.Errorf("the logged-out token: %d, want 401", status)
+	}
+	h.cachedWithoutLookup(bystander)
+	if n := h.counter("matrix_auth_proxy_token_cache_flushes_total"); n != 0 {
+		t.Errorf("an ordinary user's logout flushed the cache %v times", n)
+	}
+}
+
+// Finding 1b (medium): the query names token A, the form body token B.
+// args.update makes Synapse log out B; the proxy resolves and drops A, and
+// B, revoked, is still answered 200 from the cache.
+func TestReviewFormBodyTokenReplacesQueryToken(t *testing.T) {
+	h := newHarness(t)
+	phone := h.hs.login("@alice:hs", "PHONE")
+	tablet := h.hs.login("@alice:hs", "TABLET")
+	h.whoami(phone)
+	h.whoami(tablet)
+	h.hs.setOverride(synapseLogout(h.hs))
+
+	h.call(200, "POST", "/_matrix/client/v3/logout?access_token="+phone, formContent, "access_token="+tablet)
+
+	h.hs.setOverride(nil)
+	h.hs.mu.Lock()
+	_, alive := h.hs.sessions[tablet]
+	h.hs.mu.Unlock()
+	if alive {
+		t.Fatal("the fake did not log out the body's token; the test is wrong")
+	}
+	if status, _ := h.whoami(tablet); status != 401 {
+		t.Errorf("the token Synapse logged out (the body's): whoami %d via the proxy, want 401: a revoked token outlives the logout", status)
+	}
+}
+
+// Finding 2 (medium): a device ID that is not UTF-8 once unquoted. Synapse
+// unquotes path parameters with urllib.parse.unquote (UTF-8, errors
+// "replace"): DELETE /devices/%FF deletes the device named "\uFFFD", which
+// a client can create (login accepts any device_id). The proxy's unquote
+// keeps the raw byte 0xFF, drops a device that does not exist, and the
+// deleted device's token stays cached.
+func TestReviewDeviceIDDecodedAsPythonDoes(t *testing.T) {
+	h := newHarness(t)
+	laptop := h.hs.login("@alice:hs", "LAPTOP")
+	// login() puts the device ID in the token; this token must be ASCII.
+	odd := "syt_alice_odd_device_0001"
+	h.hs.mu.Lock()
+	h.hs.sessions[odd] = session{"@alice:hs", "\uFFFD"}
+	h.hs.mu.Unlock()
+	h.whoami(laptop)
+	h.whoami(odd)
+	h.cachedWithoutLookup(odd) // cacheable: the test is meaningful
+	// python3 -c 'from urllib.parse import unquote; print(repr(unquote("%FF")))' → '\ufffd'
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodDelete || !strings.Contains(r.URL.Path, "/devices/") {
+			return false
+		}
+		raw := r.URL.EscapedPath()
+		dev := strings.ToValidUTF8(unquote(raw[strings.LastIndex(raw, "/")+1:], false), "\uFFFD")
+		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		h.hs.mu.Lock()
+		s := h.hs.sessions[tok]
+		h.hs.mu.Unlock()
+		h.hs.revoke(func(_ string, o session) bool { return o.user == s.user && o.device == dev })
+		writeJSON(w, 200, `{}`)
+		return true
+	})
+
+	h.call(200, "DELETE", "/_matrix/client/v3/devices/%FF", bearer(laptop), `{`+uiaAuth+`}`)
+
+	if status, _ := h.whoami(odd); status != 401 {
+		t.Errorf(`the token of device "\uFFFD", deleted by DELETE /devices/%%FF: whoami %d via the proxy, want 401`, status)
+	}
+}
+
+// synapseDehydrated is DehydratedDeviceV2Servlet's pattern
+// (synapse/rest/client/devices.py, client_patterns(…, releases=())): the
+// dots of "org.matrix.msc3814.v1" are unescaped regex dots, so they match
+// '/' too.
+var synapseDehydrated = regexp.MustCompile(`^/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device$`)
+
+// Finding 3 (medium): DELETE /_matrix/client/unstable/org/matrix/msc3814/v1/dehydrated_device
+// routes to the dehydrated device servlet at Synapse (checked with
+// Synapse's own client_patterns), which deletes the dehydrated device —
+// which may be a live device of the caller (PUT dehydrated_device with an
+// existing device_id: check_device_registered keeps it). The proxy allows
+// at most two version segments and misses it.
+func TestReviewDehydratedDevicePathWithSlashesIsRevoking(t *testing.T) {
+	for _, method := range []string{"PUT", "DELETE"} {
+		p := "/_matrix/client/unstable/org/matrix/msc3814/v1/dehydrated_device"
+		if !synapseDehydrated.MatchString(p) {
+			t.Fatal("the pattern does not match; the test is wrong")
+		}
+		r, _ := http.NewRequest(method, "http://hs"+p, nil)
+		if rt := classify(r); len(rt.matches) == 0 {
+			t.Errorf("%s %s routes to Synapse's dehydrated device servlet, but the proxy does not see a revoking call", method, p)
+		}
+	}
+
+	h := newHarness(t)
+	phone := h.hs.login("@alice:hs", "PHONE")
+	h.whoami(phone)
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodDelete || !synapseDehydrated.MatchString(r.URL.EscapedPath()) {
+			return false
+		}
+		// PHONE was made the dehydrated device earlier (PUT with its ID).
+		h.hs.revoke(func(_ string, o session) bool { return o.user == "@alice:hs" && o.device == "PHONE" })
+		writeJSON(w, 200, `{"device_id":"PHONE"}`)
+		return true
+	})
+	h.call(200, "DELETE", "/_matrix/client/unstable/org/matrix/msc3814/v1/dehydrated_device", bearer(phone), "")
+	if status, _ := h.whoami(phone); status != 401 {
+		t.Errorf("the deleted device's token: whoami %d via the proxy, want 401", status)
+	}
+}
+
+// synapsePushRules is PushRuleRestServlet's pattern
+// (synapse/rest/client/push_rule.py): the path parameter is ".*", and
+// _rule_spec_from_path ignores the segments after the rule's attribute.
+var synapsePushRules = regexp.MustCompile(`^/_matrix/client/(api/v1|r0|v3|unstable)/(?P<path>pushrules/.*)$`)
+
+// Finding 4 (medium): any user makes the proxy drop ANOTHER user's entries.
+// The dot-resolved reading of a path is applied with every row, including
+// the rows that name the user in the path. Synapse does not resolve dots;
+// it routes PUT /_matrix/client/v3/pushrules/global/room/r//../…/_synapse/admin/v2/users/@bob:hs
+// to the push rules servlet, which creates the caller's own rule "r" and
+// answers 200 (extra keys of the body ignored). The proxy's resolved reading
+// is PUT /_synapse/admin/v2/users/@bob:hs with {"deactivated": true}, a
+// success: Bob's entries go. Same with …/admin/lock/@bob:hs and
+// {"locked": true}, and with DELETE …/pushrules/…/_synapse/admin/v2/users/@bob:hs/devices/BOB
+// once the rule exists.
+func TestReviewDotSegmentsLetAUserDropAnotherUser(t *testing.T) {
+	h := newHarness(t)
+	mallory := h.hs.login("@mallory:hs", "M")
+	bob := h.hs.login("@bob:hs", "BOB")
+	h.whoami(mallory)
+	h.whoami(bob)
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if !synapsePushRules.MatchString(r.URL.EscapedPath()) {
+			return false
+		}
+		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		h.hs.mu.Lock()
+		_, ok := h.hs.sessions[tok]
+		h.hs.mu.Unlock()
+		if !ok {
+			writeJSON(w, 401, unknownToken)
+			return true
+		}
+		writeJSON(w, 200, `{}`) // the caller's own push rule is stored
+		return true
+	})
+	// _matrix client v3 pushrules global room r = 7 segments to pop ("" is skipped).
+	up := strings.Repeat("../", 7)
+	for _, c := range []struct{ method, path, body string }{
+		{"PUT", "/_matrix/client/v3/pushrules/global/room/r//" + up + "_synapse/admin/v2/users/@bob:hs", `{"actions":["notify"],"deactivated":true}`},
+		{"PUT", "/_matrix/client/v3/pushrules/global/room/r//" + up + "_matrix/client/v1/admin/lock/@bob:hs", `{"actions":["notify"],"locked":true}`},
+		{"DELETE", "/_matrix/client/v3/pushrules/global/room/r/" + up + "_synapse/admin/v2/users/@bob:hs/devices/BOB", ""},
+	} {
+		conn := h.rawRequest(c.method+" "+c.path+" HTTP/1.1\r\nHost: hs\r\nAuthorization: Bearer "+mallory+
+			"\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "+strconv.Itoa(len(c.body))+"\r\n", c.body)
+		_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: %d", c.method, resp.StatusCode)
+		}
+		if got, ok := h.hs.lastRequest("pushrules"); !ok || !strings.Contains(got.RequestURI, "/../") {
+			t.Fatalf("the homeserver did not get the raw path: %+v", got.RequestURI)
+		}
+		h.cachedWithoutLookup(bob)
+		h.whoami(bob) // re-prime for the next case
+	}
+}
