@@ -267,3 +267,46 @@ func TestReviewDotSegmentsLetAUserDropAnotherUser(t *testing.T) {
 		h.whoami(bob) // re-prime for the next case
 	}
 }
+
+// Finding 5 (medium): anyone, without a token, makes the proxy drop any
+// user's entries. The admin rows name the user in the path and need no
+// caller; their effect applies when the outcome is unknown. A client sends
+// the headers of POST /_synapse/admin/v1/deactivate/@bob:hs and part of its
+// Content-Length, waits past REVOKE_TIMEOUT (the forwarded call's detached
+// deadline fires; the homeserver, still waiting for the body, never
+// answered), then sends the rest. The body never broke off, so proxyError
+// settles the call as performed (outcome unknown) and Bob's entries go.
+// Synapse would have answered 401 (no token) had the request reached it.
+// (While the client only stalls, the call is not bounded by
+// REVOKE_TIMEOUT at all: RoundTrip waits for the body read to return.)
+func TestReviewStalledBodyOnAdminRouteDropsAnyUser(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.RevokeTimeout = 200 * time.Millisecond })
+	bob := h.hs.login("@bob:hs", "BOB")
+	h.whoami(bob)
+	body := `{"erase":false}`
+	conn := h.rawRequest("POST /_synapse/admin/v1/deactivate/@bob:hs HTTP/1.1\r\nHost: hs\r\n"+
+		"Content-Type: application/json\r\nContent-Length: "+strconv.Itoa(len(body))+"\r\n", body[:1])
+	// The fake records a request once its body read ends: here when the
+	// proxy closes the forward at its detached deadline. Then the client
+	// completes its body. (The sleep is no assertion on time; it only
+	// leaves ReverseProxy time to give up the RoundTrip.)
+	eventually(t, "the homeserver got the request", func() bool {
+		_, ok := h.hs.lastRequest("/deactivate/")
+		return ok
+	})
+	time.Sleep(time.Second)
+	if _, err := conn.Write([]byte(body[1:])); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	resp.Body.Close()
+	t.Logf("the call was answered %d", resp.StatusCode)
+	h.cachedWithoutLookup(bob)
+	if n := h.counter("matrix_auth_proxy_token_cache_invalidations_total", "reason", "deactivate"); n != 0 {
+		t.Errorf("%v deactivate invalidations from a token-less request", n)
+	}
+}
