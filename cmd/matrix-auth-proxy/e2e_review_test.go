@@ -1,0 +1,78 @@
+package main_test
+
+// Adversarial review of the revoking-call code, against the real Synapse:
+// each test demonstrates a way to break the promise and FAILS on the code
+// under review (branch h-review, see its report).
+
+import (
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+)
+
+// TestE2EReviewFormBodyTokenFlushes: POST /logout with the token in an
+// application/x-www-form-urlencoded body. Twisted merges the form into
+// request.args, so Synapse authenticates with it and logs the token out;
+// the proxy sees a token-less success and flushes the whole cache.
+func TestE2EReviewFormBodyTokenFlushes(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+	px := e2eStartProxy(t, syn.URL, nil)
+	u := syn.Register(t, "formlogout", false)
+	a := e2eLogin(t, syn.URL, u, nil)
+	v := e2eLogin(t, syn.URL, syn.Register(t, "bystander", false), nil)
+	e2ePrime(t, px, map[string]string{"U's a": a.Token, "V (another user)": v.Token})
+	flushes := e2eFamilySum(t, px.AdminURL, e2eFlushesFamily)
+
+	r := e2eRawRequest(t, px.URL, http.MethodPost, "/_matrix/client/v3/logout",
+		http.Header{"Content-Type": {"application/x-www-form-urlencoded"}},
+		[]byte("access_token="+url.QueryEscape(a.Token)))
+	if r.Status != http.StatusOK {
+		t.Fatalf("Synapse did not take the form body's token: %d %s", r.Status, r.Body)
+	}
+
+	e2eWantServedFromCache(t, px, "V, another user's cached session", v.Token)
+	if d := e2eFamilySum(t, px.AdminURL, e2eFlushesFamily) - flushes; d != 0 {
+		t.Errorf("%s grew by %v: an ordinary user's logout flushed the cache", e2eFlushesFamily, d)
+	}
+	e2eWantProxy401(t, px, syn, "U's a (logged out by the form body)", a.Token)
+}
+
+// TestE2EReviewPushRulesDotSegmentsDropAnotherUser: Synapse routes
+// PUT …/pushrules/global/room/r//../../…/_synapse/admin/v2/users/@v:localhost
+// (raw path, no dot resolution; the push rules path parameter is ".*" and
+// its extra segments are ignored) to the caller's own push rule and answers
+// 200. The proxy's dot-resolved reading is the admin user update, and the
+// body says "deactivated": true: V's entries are dropped by a request of U.
+func TestE2EReviewPushRulesDotSegmentsDropAnotherUser(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+	px := e2eStartProxy(t, syn.URL, nil)
+	mallory := e2eLogin(t, syn.URL, syn.Register(t, "pushdots", false), nil)
+	vu := syn.Register(t, "bystander", false)
+	v := e2eLogin(t, syn.URL, vu, nil)
+	e2ePrime(t, px, map[string]string{"V (another user)": v.Token})
+
+	up := strings.Repeat("../", 7) // _matrix client v3 pushrules global room r
+	for _, c := range []struct{ method, path, body string }{
+		{http.MethodPut, "/_matrix/client/v3/pushrules/global/room/r//" + up + "_synapse/admin/v2/users/" + vu.ID,
+			`{"actions":["notify"],"deactivated":true}`},
+		{http.MethodDelete, "/_matrix/client/v3/pushrules/global/room/r/" + up + "_synapse/admin/v2/users/" + vu.ID + "/devices/" + v.DeviceID, ""},
+	} {
+		r := e2eRawRequest(t, px.URL, c.method, c.path,
+			http.Header{"Authorization": {"Bearer " + mallory.Token}, "Content-Type": {"application/json"}}, []byte(c.body))
+		if r.Status != http.StatusOK {
+			t.Fatalf("%s: Synapse answered %d %s, want 200 (its own push rule)", c.method, r.Status, r.Body)
+		}
+		if d := e2eWhoami(t, syn.URL, v.Token); d.Status != http.StatusOK {
+			t.Fatalf("V's token is not valid at Synapse any more: %d", d.Status)
+		}
+		e2eWantServedFromCache(t, px, c.method+": V, another user's cached session", v.Token)
+		e2ePrime(t, px, map[string]string{"V (another user)": v.Token})
+	}
+}
