@@ -310,3 +310,35 @@ func TestReviewStalledBodyOnAdminRouteDropsAnyUser(t *testing.T) {
 		t.Errorf("%v deactivate invalidations from a token-less request", n)
 	}
 }
+
+// Finding 6 (medium): POST /logout/all with an expired (soft-logged-out)
+// refreshable token. Synapse's LogoutAllRestServlet uses
+// get_user_by_req(allow_expired=True) and deletes every device of the
+// user (synapse/rest/client/logout.py). The proxy's lookup of the caller
+// gets 401 soft_logout (no user named), so it drops only that token: the
+// user's other, revoked tokens stay cached until CACHE_TTL. (The README
+// admits the same for another token of the expired token's device after
+// POST /logout; for /logout/all every other device of the user is
+// concerned.)
+func TestReviewLogoutAllWithAnExpiredToken(t *testing.T) {
+	h := newHarness(t)
+	phone := h.hs.login("@alice:hs", "PHONE")
+	h.whoami(phone)
+	const expired = "syt_alice_expired_laptop_token"
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Header.Get("Authorization") != "Bearer "+expired {
+			return false
+		}
+		if strings.HasSuffix(r.URL.Path, "/logout/all") {
+			h.hs.revoke(func(_ string, o session) bool { return o.user == "@alice:hs" })
+			writeJSON(w, 200, `{}`)
+		} else {
+			writeJSON(w, 401, `{"errcode":"M_UNKNOWN_TOKEN","error":"Access token has expired","soft_logout":true}`)
+		}
+		return true
+	})
+	h.call(200, "POST", "/_matrix/client/v3/logout/all", bearer(expired), "")
+	if status, _ := h.whoami(phone); status != 401 {
+		t.Errorf("Alice's phone, logged out by logout/all: whoami %d via the proxy, want 401", status)
+	}
+}
