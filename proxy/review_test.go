@@ -342,3 +342,34 @@ func TestReviewLogoutAllWithAnExpiredToken(t *testing.T) {
 		t.Errorf("Alice's phone, logged out by logout/all: whoami %d via the proxy, want 401", status)
 	}
 }
+
+// Finding 7 (high): a revoking call that is never forwarded is settled as
+// performed. httputil.ReverseProxy calls the ErrorHandler, before sending
+// anything, for a request asking to upgrade to a protocol name that is not
+// printable ASCII ("client tried to switch to invalid protocol"); Go's
+// server accepts such a header value (obs-text). proxyError finds the plan
+// and settles it with status 0, "unknown", so the row's effect applies at
+// once: with the admin rows, which need no caller, anyone without a token
+// drops any user's entries, instantly and as often as they like.
+func TestReviewUnforwardedCallSettledAsPerformed(t *testing.T) {
+	h := newHarness(t)
+	bob := h.hs.login("@bob:hs", "BOB")
+	for _, req := range []string{
+		"POST /_synapse/admin/v1/deactivate/@bob:hs",
+		"DELETE /_synapse/admin/v2/users/@bob:hs/devices/BOB",
+	} {
+		h.whoami(bob)
+		conn := h.rawRequest(req+" HTTP/1.1\r\nHost: hs\r\nConnection: Upgrade\r\nUpgrade: \xff\r\nContent-Length: 0\r\n", "")
+		_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("no answer: %v", err)
+		}
+		resp.Body.Close()
+		if _, ok := h.hs.lastRequest("@bob:hs"); ok {
+			t.Fatalf("%s was forwarded; the test expected it refused by ReverseProxy", req)
+		}
+		t.Logf("%s: %d, never forwarded", req, resp.StatusCode)
+		h.cachedWithoutLookup(bob)
+	}
+}
