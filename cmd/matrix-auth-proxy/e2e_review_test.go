@@ -107,3 +107,27 @@ func TestE2EReviewLogoutAllWithAnExpiredToken(t *testing.T) {
 	}
 	e2eWantProxy401(t, px, syn, "U's phone (logged out by logout/all)", phone.Token)
 }
+
+// TestE2EReviewUnforwardedAdminCallDropsAnyUser: a request without any
+// token for POST /_synapse/admin/v1/deactivate/{V} with a non-printable
+// Upgrade header. ReverseProxy refuses to forward it and calls the error
+// handler, which settles the revoking call as "outcome unknown", i.e.
+// performed: V's entries are dropped although Synapse never saw a request.
+func TestE2EReviewUnforwardedAdminCallDropsAnyUser(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+	px := e2eStartProxy(t, syn.URL, nil)
+	vu := syn.Register(t, "bystander", false)
+	v := e2eLogin(t, syn.URL, vu, nil)
+	e2ePrime(t, px, map[string]string{"V (another user)": v.Token})
+
+	r := e2eRawRequest(t, px.URL, http.MethodPost, "/_synapse/admin/v1/deactivate/"+vu.ID,
+		http.Header{"Connection": {"Upgrade"}, "Upgrade": {"\xff"}}, nil)
+	t.Logf("answered %d %s", r.Status, r.Body)
+	if d := e2eWhoami(t, syn.URL, v.Token); d.Status != http.StatusOK {
+		t.Fatalf("V's token is not valid at Synapse any more: %d", d.Status)
+	}
+	e2eWantServedFromCache(t, px, "V, after a token-less request that never reached Synapse", v.Token)
+}
