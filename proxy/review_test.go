@@ -373,3 +373,47 @@ func TestReviewUnforwardedCallSettledAsPerformed(t *testing.T) {
 		h.cachedWithoutLookup(bob)
 	}
 }
+
+// Finding 8 (low): POST /refresh revokes access tokens, and the proxy drops
+// none. Synapse's replace_refresh_token (storage/databases/main/
+// registration.py) deletes the refresh token's previous successor when a
+// refresh token is used again (its access token cascades) and the
+// predecessor refresh token with its access token. A client that reuses a
+// refresh token (an interrupted refresh, or a thief racing the owner)
+// revokes the access token the first refresh issued; the proxy keeps it
+// until its expires_in_ms (if that refresh passed through the proxy) or
+// CACHE_TTL.
+func TestReviewRefreshRevokesTheFormerSuccessor(t *testing.T) {
+	h := newHarness(t)
+	first := h.hs.login("@alice:hs", "PHONE") // issued by a first refresh with RT1
+	h.whoami(first)
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodPost || !strings.HasSuffix(r.URL.Path, "/refresh") {
+			return false
+		}
+		// RT1 used again: its former successor and that access token go.
+		h.hs.revoke(func(tok string, _ session) bool { return tok == first })
+		next := h.hs.login("@alice:hs", "PHONE")
+		writeJSON(w, 200, `{"access_token":"`+next+`","refresh_token":"syr_2","expires_in_ms":300000}`)
+		return true
+	})
+	h.call(200, "POST", "/_matrix/client/v3/refresh", nil, `{"refresh_token":"syr_1"}`)
+	if status, _ := h.whoami(first); status != 401 {
+		t.Errorf("the access token the refresh revoked: whoami %d via the proxy, want 401", status)
+	}
+}
+
+// Finding 9 (low): OIDC back-channel logout is a Twisted leaf resource
+// (backchannel_logout_resource.py: isLeaf = 1), so Synapse serves it for
+// any path below it too; the table's row matches the exact path only.
+func TestReviewBackchannelLogoutIsALeaf(t *testing.T) {
+	for _, p := range []string{
+		"/_synapse/client/oidc/backchannel_logout/x",
+		"/_synapse/client/oidc/backchannel_logout/x/y",
+	} {
+		r, _ := http.NewRequest("POST", "http://hs"+p, nil)
+		if rt := classify(r); len(rt.matches) == 0 {
+			t.Errorf("POST %s reaches Synapse's back-channel logout, but the proxy does not see a revoking call", p)
+		}
+	}
+}
