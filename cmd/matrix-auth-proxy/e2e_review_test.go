@@ -131,3 +131,29 @@ func TestE2EReviewUnforwardedAdminCallDropsAnyUser(t *testing.T) {
 	}
 	e2eWantServedFromCache(t, px, "V, after a token-less request that never reached Synapse", v.Token)
 }
+
+// TestE2EReviewDehydratedDevicePathWithSlashes: the dots of Synapse's
+// pattern …/org.matrix.msc3814.v1/dehydrated_device are regex dots, so
+// DELETE …/unstable/org/matrix/msc3814/v1/dehydrated_device deletes the
+// dehydrated device, here a live device of the caller; the proxy does not
+// see a revoking call.
+func TestE2EReviewDehydratedDevicePathWithSlashes(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+	px := e2eStartProxy(t, syn.URL, nil)
+	u := syn.Register(t, "dehydslash", false)
+	caller := e2eLogin(t, syn.URL, u, nil)
+	victim := e2eLogin(t, syn.URL, u, nil)
+	// Straight at Synapse: make the victim's device the dehydrated one.
+	if r := e2ePutDehydrated(t, syn.URL, caller.Token, u.ID, victim.DeviceID); r.Status != http.StatusOK {
+		t.Fatalf("PUT dehydrated_device: %d %s", r.Status, r.Body)
+	}
+	e2ePrime(t, px, map[string]string{"caller": caller.Token, "victim": victim.Token})
+	r := e2eDo(t, nil, http.MethodDelete, px.URL+"/_matrix/client/unstable/org/matrix/msc3814/v1/dehydrated_device", caller.Token, nil)
+	if r.Status != http.StatusOK {
+		t.Fatalf("DELETE with slashes for the dots: %d %s, want Synapse's 200", r.Status, r.Body)
+	}
+	e2eWantProxy401(t, px, syn, "the session of the device deleted as the dehydrated device", victim.Token)
+}
