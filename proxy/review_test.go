@@ -421,3 +421,39 @@ func TestReviewBackchannelLogoutIsALeaf(t *testing.T) {
 		}
 	}
 }
+
+// Finding 10 (high): Synapse answers 500 to any request whose token is not
+// ASCII (get_access_token_from_request: parts[1].decode("ascii"), or
+// query_params[0].decode("ascii"); the UnicodeDecodeError becomes a 500),
+// before any auth check. A 5xx is an unknown outcome, counted as performed,
+// and the admin rows need no caller: POST /_synapse/admin/v1/deactivate/@bob:hs?access_token=%FF
+// drops Bob's entries at once, from anyone. (Checked against Synapse
+// 1.163.2: TestE2EReviewSynapse500DropsAnyUser.)
+func TestReviewSynapse500FromANonASCIITokenDropsAnyUser(t *testing.T) {
+	h := newHarness(t)
+	bob := h.hs.login("@bob:hs", "BOB")
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		tok, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if q := synapseQuery(r.URL.RawQuery)["access_token"]; len(q) > 0 {
+			tok = q[0]
+		}
+		for i := 0; i < len(tok); i++ {
+			if tok[i] >= 0x80 {
+				writeJSON(w, 500, `{"errcode":"M_UNKNOWN","error":"Internal server error"}`)
+				return true
+			}
+		}
+		return false
+	})
+	for _, c := range []struct {
+		method, uri string
+		hdr         http.Header
+	}{
+		{"POST", "/_synapse/admin/v1/deactivate/@bob:hs?access_token=%FF", nil},
+		{"DELETE", "/_synapse/admin/v2/users/@bob:hs/devices/BOB", http.Header{"Authorization": {"Bearer \xff"}}},
+	} {
+		h.whoami(bob)
+		h.call(500, c.method, c.uri, c.hdr, "")
+		h.cachedWithoutLookup(bob)
+	}
+}

@@ -157,3 +157,37 @@ func TestE2EReviewDehydratedDevicePathWithSlashes(t *testing.T) {
 	}
 	e2eWantProxy401(t, px, syn, "the session of the device deleted as the dehydrated device", victim.Token)
 }
+
+// TestE2EReviewSynapse500DropsAnyUser: Synapse answers 500 to any request
+// whose token is not ASCII (get_access_token_from_request decodes it with
+// "ascii" and nothing catches the UnicodeDecodeError), before any auth
+// check. A 5xx is an "unknown outcome", counted as performed, and the
+// admin rows need no caller: a request with ?access_token=%FF (or
+// "Authorization: Bearer \xff") for POST /_synapse/admin/v1/deactivate/{V}
+// drops V's entries at once.
+func TestE2EReviewSynapse500DropsAnyUser(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+	px := e2eStartProxy(t, syn.URL, nil)
+	vu := syn.Register(t, "bystander", false)
+	v := e2eLogin(t, syn.URL, vu, nil)
+	for _, c := range []struct {
+		method, uri string
+		h           http.Header
+	}{
+		{http.MethodPost, "/_synapse/admin/v1/deactivate/" + vu.ID + "?access_token=%FF", nil},
+		{http.MethodDelete, "/_synapse/admin/v2/users/" + vu.ID + "/devices/" + v.DeviceID, http.Header{"Authorization": {"Bearer \xff"}}},
+	} {
+		e2ePrime(t, px, map[string]string{"V (another user)": v.Token})
+		r := e2eRawRequest(t, px.URL, c.method, c.uri, c.h, nil)
+		if r.Status != http.StatusInternalServerError {
+			t.Fatalf("%s: Synapse answered %d %s, want its 500", c.uri, r.Status, r.Body)
+		}
+		if d := e2eWhoami(t, syn.URL, v.Token); d.Status != http.StatusOK {
+			t.Fatalf("V's token is not valid at Synapse any more: %d", d.Status)
+		}
+		e2eWantServedFromCache(t, px, "V, after a token-less request Synapse answered 500", v.Token)
+	}
+}
