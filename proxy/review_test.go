@@ -457,3 +457,27 @@ func TestReviewSynapse500FromANonASCIITokenDropsAnyUser(t *testing.T) {
 		h.cachedWithoutLookup(bob)
 	}
 }
+
+// Finding 11 (low): "Connection: Authorization" makes httputil.ReverseProxy
+// strip the Authorization header (hop-by-hop, RFC 9110 section 7.6.1)
+// before forwarding, so the proxy and the homeserver read different
+// credentials. With a header token A and a query token B, the proxy sees
+// both forms (authInvalid) and names A; Synapse sees only B and logs it
+// out. B's entries stay cached. (Synapse itself would reject both forms
+// at once; the proxy reads the request before hop-by-hop headers go.)
+func TestReviewConnectionHeaderStripsTheToken(t *testing.T) {
+	h := newHarness(t)
+	phone := h.hs.login("@alice:hs", "PHONE")
+	tablet := h.hs.login("@alice:hs", "TABLET")
+	h.whoami(phone)
+	h.whoami(tablet)
+	hdr := bearer(phone)
+	hdr.Set("Connection", "Authorization")
+	h.call(200, "POST", "/_matrix/client/v3/logout?access_token="+tablet, hdr, "")
+	if got, ok := h.hs.lastRequest("/logout"); !ok || got.Header.Get("Authorization") != "" {
+		t.Fatalf("the homeserver got Authorization %q; the test expected it stripped", got.Header.Get("Authorization"))
+	}
+	if status, _ := h.whoami(tablet); status != 401 {
+		t.Errorf("the query token Synapse logged out: whoami %d via the proxy, want 401", status)
+	}
+}
