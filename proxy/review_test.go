@@ -10,6 +10,7 @@ import (
 	"bufio"
 	"io"
 	"net/http"
+	"net/netip"
 	"regexp"
 	"strconv"
 	"strings"
@@ -479,5 +480,39 @@ func TestReviewConnectionHeaderStripsTheToken(t *testing.T) {
 	}
 	if status, _ := h.whoami(tablet); status != 401 {
 		t.Errorf("the query token Synapse logged out: whoami %d via the proxy, want 401", status)
+	}
+}
+
+// Finding 12 (low): a cached answer is reused for a revoking call from
+// another address, which Synapse judges differently for an appservice with
+// ip_range_whitelist (get_appservice_user returns None from other
+// addresses: "unknown token"). The cache key has no address: a 401 cached
+// for the appservice token (with its user_id masquerade) from a refused
+// address makes the proxy treat a later POST /logout/all?user_id=… from the
+// allowed address as callerToken, and Synapse performs it there: the
+// masqueraded user's tokens go, the proxy drops only the appservice
+// token's answers.
+func TestReviewAnswerCachedForAnotherAddressNamesTheWrongCaller(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")} })
+	asTok := h.hs.login("@as_bot:hs", "ASDEV")
+	bridged := h.hs.login("@as_bridge_x:hs", "BRIDGEDEV")
+	h.whoami(bridged)
+	h.cachedWithoutLookup(bridged)
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Header.Get("Authorization") == "Bearer "+asTok && r.Header.Get("X-Forwarded-For") != "127.0.0.3" {
+			writeJSON(w, 401, unknownToken) // the fenced appservice from a refused address
+			return true
+		}
+		return false
+	})
+	from := func(ip string) http.Header {
+		hdr := bearer(asTok)
+		hdr.Set("X-Forwarded-For", ip)
+		return hdr
+	}
+	h.call(401, "GET", whoamiV3+"?user_id=@as_bridge_x:hs", from("192.0.2.7"), "")
+	h.call(200, "POST", "/_matrix/client/v3/logout/all?user_id=@as_bridge_x:hs", from("127.0.0.3"), "")
+	if status, _ := h.whoami(bridged); status != 401 {
+		t.Errorf("the bridged user's token, logged out by the appservice: whoami %d via the proxy, want 401", status)
 	}
 }
