@@ -191,3 +191,38 @@ func TestE2EReviewSynapse500DropsAnyUser(t *testing.T) {
 		e2eWantServedFromCache(t, px, "V, after a token-less request Synapse answered 500", v.Token)
 	}
 }
+
+// TestE2EReviewFencedAppserviceAnswerFromAnotherAddress: the Fenced
+// appservice is honoured only from e2eFencedAddr. A whoami with its token
+// and a user_id masquerade from another address gets 401 M_UNKNOWN_TOKEN,
+// which the proxy caches without the address. A POST /logout/all with the
+// same token and masquerade from the allowed address then finds that
+// negative answer: the proxy names no user, Synapse logs the masqueraded
+// user out everywhere, and that user's token stays cached.
+func TestE2EReviewFencedAppserviceAnswerFromAnotherAddress(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+	px := e2eStartProxy(t, syn.URL, nil)
+	fenced := e2eClientFrom(t, e2eFencedAddr)
+	elsewhere := e2eClientFrom(t, "127.0.0.5")
+
+	local := syn.Fenced.Prefix + e2eUniqueName(t, "rev")
+	reg := e2eDo(t, fenced, http.MethodPost, syn.URL+"/_matrix/client/v3/register", syn.Fenced.Token,
+		map[string]any{"type": "m.login.application_service", "username": local})
+	e2eWant2xx(t, reg)
+	userID, _ := reg.JSON(t)["user_id"].(string)
+	bridged, _ := reg.JSON(t)["access_token"].(string)
+	if bridged == "" {
+		t.Fatalf("registration gave no token: %s", reg.Body)
+	}
+	e2ePrime(t, px, map[string]string{"the bridged user's own session": bridged})
+
+	q := "?user_id=" + url.QueryEscape(userID)
+	if r := e2eDo(t, elsewhere, http.MethodGet, px.URL+"/_matrix/client/v3/account/whoami"+q, syn.Fenced.Token, nil); r.Status != http.StatusUnauthorized {
+		t.Fatalf("the fenced appservice from another address: whoami %d %s, want Synapse's 401", r.Status, r.Body)
+	}
+	e2eWant2xx(t, e2eDo(t, fenced, http.MethodPost, px.URL+"/_matrix/client/v3/logout/all"+q, syn.Fenced.Token, map[string]any{}))
+	e2eWantProxy401(t, px, syn, "the bridged user's session after the appservice's logout/all", bridged)
+}
