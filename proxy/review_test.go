@@ -452,9 +452,17 @@ func TestReviewSynapse500FromANonASCIITokenDropsAnyUser(t *testing.T) {
 	}{
 		{"POST", "/_synapse/admin/v1/deactivate/@bob:hs?access_token=%FF", nil},
 		{"DELETE", "/_synapse/admin/v2/users/@bob:hs/devices/BOB", http.Header{"Authorization": {"Bearer \xff"}}},
+		// The client API's lock row matches any two version segments:
+		// Synapse routes this to the push rules servlet (path ".*").
+		{"PUT", "/_matrix/client/v3/pushrules/admin/lock/@bob:hs?access_token=%FF", nil},
 	} {
 		h.whoami(bob)
-		h.call(500, c.method, c.uri, c.hdr, "")
+		body := ""
+		if c.method == "PUT" {
+			body = `{"locked":true}`
+		}
+		h.call(500, c.method, c.uri, c.hdr, body)
+		t.Logf("%s %s", c.method, c.uri)
 		h.cachedWithoutLookup(bob)
 	}
 }

@@ -179,9 +179,16 @@ func TestE2EReviewSynapse500DropsAnyUser(t *testing.T) {
 	}{
 		{http.MethodPost, "/_synapse/admin/v1/deactivate/" + vu.ID + "?access_token=%FF", nil},
 		{http.MethodDelete, "/_synapse/admin/v2/users/" + vu.ID + "/devices/" + v.DeviceID, http.Header{"Authorization": {"Bearer \xff"}}},
+		// The client API's lock row takes any two segments for the
+		// version: Synapse routes this to the push rules servlet.
+		{http.MethodPut, "/_matrix/client/v3/pushrules/admin/lock/" + vu.ID + "?access_token=%FF", nil},
 	} {
 		e2ePrime(t, px, map[string]string{"V (another user)": v.Token})
-		r := e2eRawRequest(t, px.URL, c.method, c.uri, c.h, nil)
+		var body []byte
+		if c.method == http.MethodPut {
+			body = []byte(`{"locked":true}`)
+		}
+		r := e2eRawRequest(t, px.URL, c.method, c.uri, c.h, body)
 		if r.Status != http.StatusInternalServerError {
 			t.Fatalf("%s: Synapse answered %d %s, want its 500", c.uri, r.Status, r.Body)
 		}
