@@ -524,3 +524,39 @@ func TestReviewAnswerCachedForAnotherAddressNamesTheWrongCaller(t *testing.T) {
 		t.Errorf("the bridged user's token, logged out by the appservice: whoami %d via the proxy, want 401", status)
 	}
 }
+
+// Finding 13 (medium): an "unknown" outcome is acted on once, at the
+// proxy's deadline, but the homeserver may perform the revocation later:
+// Synapse does not cancel a POST whose client (the proxy) hung up, and
+// deactivation first unbinds 3PIDs at identity servers (network calls)
+// before it deletes the tokens (handlers/deactivate_account.py). A whoami
+// between the proxy's invalidation and the homeserver's deletion caches a
+// positive answer that then outlives the revocation until CACHE_TTL.
+func TestReviewRevocationPerformedAfterTheDeadline(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.RevokeTimeout = 200 * time.Millisecond })
+	caller := h.hs.login("@alice:hs", "LAPTOP")
+	phone := h.hs.login("@alice:hs", "PHONE")
+	h.whoami(phone)
+	release, revoked := make(chan struct{}), make(chan struct{})
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.HasSuffix(r.URL.Path, "/account/deactivate") {
+			return false
+		}
+		<-release // slow identity server unbinding; the proxy gives up
+		h.hs.revoke(func(_ string, o session) bool { return o.user == "@alice:hs" })
+		close(revoked)
+		writeJSON(w, 200, `{"id_server_unbind_result":"success"}`)
+		return true
+	})
+	h.call(504, "POST", "/_matrix/client/v3/account/deactivate", bearer(caller), `{`+uiaAuth+`}`)
+	// The proxy invalidated at its deadline; Alice's phone is still valid
+	// at the homeserver and is looked up and cached again.
+	if status, _ := h.whoami(phone); status != 200 {
+		t.Fatalf("before the homeserver performed it: %d", status)
+	}
+	close(release)
+	<-revoked
+	if status, _ := h.whoami(phone); status != 401 {
+		t.Errorf("after the homeserver deactivated Alice: whoami %d via the proxy, want 401", status)
+	}
+}
