@@ -31,6 +31,7 @@ var (
 	errBadGateway     = matrixError{http.StatusBadGateway, "M_UNKNOWN", "The homeserver could not be reached"}
 	errGatewayTimeout = matrixError{http.StatusGatewayTimeout, "M_UNKNOWN", "The homeserver did not answer in time"}
 	errBodyTimeout    = matrixError{http.StatusRequestTimeout, "M_UNKNOWN", "The request body did not arrive in time"}
+	errFormBody       = matrixError{http.StatusBadRequest, "M_NOT_JSON", "This endpoint takes a JSON body, or a form-encoded one of at most 64 KiB"}
 )
 
 type matrixError struct {

@@ -375,3 +375,23 @@ func TestParseWhoamiAndError(t *testing.T) {
 		}
 	}
 }
+
+// TestReplaceInvalidUTF8 against Python 3's urllib.parse.unquote:
+// python3 -c 'from urllib.parse import unquote; print(repr(unquote("%E2%82A")))'
+func TestReplaceInvalidUTF8(t *testing.T) {
+	for raw, want := range map[string]string{
+		"%FF":            "\uFFFD",
+		"%FF%FF":         "\uFFFD\uFFFD",
+		"%E2%82A":        "\uFFFDA",
+		"%E2%82%AC":      "€",
+		"%F0%9F%98":      "\uFFFD",
+		"%ED%A0%80":      "\uFFFD\uFFFD\uFFFD",
+		"%C0%AF":         "\uFFFD\uFFFD",
+		"a%F4%90%80%80b": "a\uFFFD\uFFFD\uFFFD\uFFFDb",
+		"%E0%80%80":      "\uFFFD\uFFFD\uFFFD",
+	} {
+		if got := replaceInvalidUTF8(unquote(raw, false)); got != want {
+			t.Errorf("%s: got %q, want %q", raw, got, want)
+		}
+	}
+}

@@ -6,8 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"mime"
 	"net"
 	"net/http"
+	"net/http/httptrace"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -35,6 +38,7 @@ type plan struct {
 	route   route
 	needs   needs
 	start   time.Time
+	auth    authState
 	caller  callerState
 	token   tokencache.TokenID
 	user    string
@@ -42,8 +46,11 @@ type plan struct {
 	body    []byte
 	bodyOK  bool
 	settled atomic.Bool
+	// written is set once the whole request was written to the homeserver
+	// (httptrace's WroteRequest): before that it cannot have performed it.
+	written atomic.Bool
 	// clientBodyFailed is set when reading the client's body failed while
-	// it was being forwarded: the homeserver never had the whole request.
+	// it was being forwarded (the client went away).
 	clientBodyFailed atomic.Bool
 }
 
@@ -57,6 +64,10 @@ func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route, 
 	for _, m := range rt.matches {
 		pl.needs |= m.route.needs
 	}
+	form := formBody(r)
+	if form != formNone {
+		pl.needs |= needBody
+	}
 	if pl.needs&needBody != 0 {
 		release, ok := p.readBody(w, r, pl)
 		defer release()
@@ -64,8 +75,24 @@ func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route, 
 			return
 		}
 	}
+	if form != formNone {
+		// Synapse takes credentials from a form body too: read them
+		// there, or refuse what cannot be read.
+		if form != formURLEncoded || !pl.bodyOK {
+			errFormBody.write(w)
+			return
+		}
+		c.auth = c.auth.withForm(pl.body)
+		c.ok = false // what identify found was for the query alone
+	}
+	pl.auth = c.auth.state
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), p.revokeTimeout)
 	defer cancel()
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteRequest: func(i httptrace.WroteRequestInfo) {
+		if i.Err == nil {
+			pl.written.Store(true)
+		}
+	}})
 	r = r.WithContext(context.WithValue(ctx, planKey{}, pl))
 
 	if a := &c.auth; a.token != "" {
@@ -167,6 +194,34 @@ func (p *Proxy) readBody(w http.ResponseWriter, r *http.Request, pl *plan) (rele
 	return release, true
 }
 
+// formKind is how Synapse reads a POST body's arguments.
+type formKind uint8
+
+const (
+	formNone       formKind = iota
+	formURLEncoded          // merged into the arguments
+	formOther               // multipart, or a form type the proxy cannot tell apart
+)
+
+// formBody says whether Twisted would merge r's body into the request's
+// arguments: a POST with a body whose first Content-Type is a form.
+func formBody(r *http.Request) formKind {
+	ct := r.Header["Content-Type"]
+	if r.Method != http.MethodPost || len(ct) == 0 || r.ContentLength == 0 || r.Body == nil || r.Body == http.NoBody {
+		return formNone
+	}
+	mt, _, err := mime.ParseMediaType(ct[0])
+	switch {
+	case err == nil && mt == "application/x-www-form-urlencoded":
+		return formURLEncoded
+	case err == nil && mt != "multipart/form-data":
+		return formNone
+	case err != nil && !strings.Contains(strings.ToLower(ct[0]), "form"):
+		return formNone
+	}
+	return formOther
+}
+
 // peek reads a body of length n (-1: unknown) up to maxBody bytes, replaces
 // *body with a reader that yields them again followed by the rest, and says
 // whether that was all. The homeserver receives the body byte for byte.
@@ -221,7 +276,13 @@ func (p *Proxy) settle(pl *plan, status int, resp *http.Response) {
 	switch {
 	case status != 0:
 		res = resultOf(status)
-	case pl.clientBodyFailed.Load():
+	case !pl.written.Load():
+		res = refused // the homeserver never had the whole request
+	}
+	if res == unknown && pl.auth != authToken {
+		// Without credentials the homeserver accepts (none, malformed,
+		// non-ASCII: Synapse answers those 500) nothing was performed
+		// that a token-less call could not have done on a success.
 		res = refused
 	}
 	if res == refused {

@@ -3,7 +3,9 @@ package proxy
 import (
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
+	"unicode/utf8"
 )
 
 // This file is the one place that says which requests the proxy answers
@@ -25,9 +27,16 @@ import (
 // a revoked token alive. Path parameters are taken as Synapse takes them:
 // it matches its patterns against the raw path and unquotes each parameter,
 // with no dot-segment resolution, so DELETE /devices/%2E%2E deletes the
-// device named "..". An intermediary may resolve dot segments first, so a
-// path with dot segments is matched in both readings and every match
-// applies.
+// device named "..", and Python's unquote, so %FF names "\uFFFD".
+//
+// How lenient a row may be depends on whose entries it drops. Rows that
+// only drop the caller's own entries (own) are matched in every reading a
+// server could give the path: dot segments resolved (an intermediary may do
+// it), invalid UTF-8 replaced, and any number of version segments (Synapse's
+// unstable patterns are regexes whose dots also match '/'). Rows that name
+// a user in the path, or flush, are matched on the raw path alone, with
+// known version prefixes only: a lenient match there would let one client
+// drop another user's entries with a path the homeserver routes elsewhere.
 
 // routeName is the route label of the metrics.
 type routeName uint8
@@ -99,11 +108,17 @@ type revokingRoute struct {
 	method string
 	api    api
 	// path is the path after the version, "*" a parameter.
-	path   string
+	path string
+	// leaf: the homeserver serves the path with anything after it too (a
+	// Twisted leaf resource).
+	leaf   bool
 	name   routeName
 	needs  needs
 	effect effect
 	segs   []string // path, split; set by init
+	// own: the effect drops only the caller's own entries (it needs the
+	// caller); set by init. See the comment at the top on leniency.
+	own bool
 }
 
 var revokingRoutes = []*revokingRoute{
@@ -136,14 +151,19 @@ var revokingRoutes = []*revokingRoute{
 	// sessions of an upstream identity, which only the homeserver can map
 	// to devices: a success flushes (rare, and only an identity provider
 	// can make one succeed).
-	{method: "POST", api: apiSynapseClient, path: "oidc/backchannel_logout", name: routeSSOLogout, effect: flushAll},
+	{method: "POST", api: apiSynapseClient, path: "oidc/backchannel_logout", leaf: true, name: routeSSOLogout, effect: flushAll},
 }
 
 func init() {
 	for _, rt := range revokingRoutes {
 		rt.segs = strings.Split(rt.path, "/")
+		rt.own = rt.needs&needCaller != 0 || rt.needs&needResponse != 0
 	}
 }
+
+// maxOwnVersions bounds the version segments of an own row: enough for
+// unstable/org/matrix/msc3814/v1.
+const maxOwnVersions = 6
 
 const (
 	whoamiR0 = "/_matrix/client/r0/account/whoami"
@@ -195,9 +215,13 @@ func classify(r *http.Request) route {
 func classifyRevoking(method, escapedPath string) route {
 	raw := segments(escapedPath)
 	rt := route{name: routeOther}
-	rt.matches = appendMatches(rt.matches, method, raw)
+	rt.matches = appendMatches(rt.matches, method, raw, false)
+	rt.matches = appendMatches(rt.matches, method, raw, true)
 	if hasDotSegment(raw) {
-		rt.matches = appendMatches(rt.matches, method, resolveDots(raw))
+		rt.matches = appendMatches(rt.matches, method, resolveDots(raw), true)
+	}
+	if replaced, ok := pythonReading(raw); ok {
+		rt.matches = appendMatches(rt.matches, method, replaced, true)
 	}
 	if len(rt.matches) > 0 {
 		rt.name = rt.matches[0].route.name
@@ -205,10 +229,12 @@ func classifyRevoking(method, escapedPath string) route {
 	return rt
 }
 
-// appendMatches adds the routes that segs (decoded path segments) match.
-func appendMatches(ms []match, method string, segs []string) []match {
+// appendMatches adds the rows that segs (decoded path segments) match:
+// with lenient, the own rows under any version prefix, else every row
+// under the prefixes its API knows.
+func appendMatches(ms []match, method string, segs []string, lenient bool) []match {
 	for _, rt := range revokingRoutes {
-		if rt.method != method {
+		if rt.method != method || (lenient && !rt.own) {
 			continue
 		}
 		pre := apiPrefixes[rt.api]
@@ -217,7 +243,20 @@ func appendMatches(ms []match, method string, segs []string) []match {
 		}
 		rest := segs[2:]
 		versions := len(rest) - len(rt.segs)
-		if versions < pre.minVersions || versions > pre.maxVersions {
+		if rt.leaf && versions > pre.maxVersions {
+			// A leaf: take the shortest version prefix that fits.
+			versions = max(pre.minVersions, min(versions, pre.maxVersions))
+			if len(rest) < versions+len(rt.segs) {
+				continue
+			}
+			rest = rest[:versions+len(rt.segs)]
+		}
+		switch {
+		case versions < pre.minVersions:
+			continue
+		case lenient && (versions > maxOwnVersions || !ownVersion(rt.api, rest[:versions])):
+			continue
+		case !lenient && (versions > pre.maxVersions || !knownVersion(rt.api, rest[:versions])):
 			continue
 		}
 		m, ok, n := match{route: rt}, true, 0
@@ -236,6 +275,34 @@ func appendMatches(ms []match, method string, segs []string) []match {
 		}
 	}
 	return ms
+}
+
+// knownVersion says whether v are version segments the API serves: for the
+// client API one of r0, v1, v3, unstable, or unstable/<namespace> and
+// api/v1; for the admin API v1 or v2.
+func knownVersion(a api, v []string) bool {
+	switch a {
+	case apiClient:
+		switch {
+		case len(v) == 1:
+			return v[0] == "r0" || v[0] == "v1" || v[0] == "v3" || v[0] == "unstable"
+		case len(v) == 2:
+			return v[0] == "unstable" || (v[0] == "api" && v[1] == "v1")
+		}
+		return false
+	case apiSynapseAdmin:
+		return len(v) == 1 && (v[0] == "v1" || v[0] == "v2")
+	default:
+		return len(v) == 0
+	}
+}
+
+// ownVersion is knownVersion loosened for own rows: an unstable prefix of
+// any length (Synapse's unstable patterns are regexes whose dots also match
+// '/': unstable/org/matrix/msc3814/v1 routes like
+// unstable/org.matrix.msc3814.v1).
+func ownVersion(a api, v []string) bool {
+	return knownVersion(a, v) || (a == apiClient && len(v) > 2 && v[0] == "unstable")
 }
 
 func containsMatch(ms []match, m match) bool {
@@ -262,6 +329,69 @@ func segments(escapedPath string) []string {
 		out = append(out, s)
 	}
 	return out
+}
+
+// pythonReading is segs as Synapse reads a parameter that is not valid
+// UTF-8 once unquoted: Python's unquote replaces what does not decode with
+// U+FFFD. ok is false when every segment is valid (the same reading).
+func pythonReading(segs []string) ([]string, bool) {
+	var out []string
+	for i, s := range segs {
+		if utf8.ValidString(s) {
+			continue
+		}
+		if out == nil {
+			out = slices.Clone(segs)
+		}
+		out[i] = replaceInvalidUTF8(s)
+	}
+	return out, out != nil
+}
+
+// replaceInvalidUTF8 is Python's bytes.decode("utf-8", "replace"): each
+// maximal subpart of an ill-formed sequence (Unicode, table 3-8) becomes
+// one U+FFFD.
+func replaceInvalidUTF8(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		if r != utf8.RuneError || n > 1 {
+			b.WriteString(s[i : i+n])
+			i += n
+			continue
+		}
+		b.WriteRune(utf8.RuneError)
+		i += maximalSubpart(s[i:])
+	}
+	return b.String()
+}
+
+// maximalSubpart is the length of the ill-formed sequence at the start of
+// s: a lead byte and the continuation bytes that could still have followed
+// it, or 1.
+func maximalSubpart(s string) int {
+	lo, hi, need := byte(0x80), byte(0xBF), 0
+	switch c := s[0]; {
+	case c >= 0xC2 && c <= 0xDF:
+		need = 1
+	case c == 0xE0:
+		lo, need = 0xA0, 2
+	case c == 0xED:
+		hi, need = 0x9F, 2
+	case c >= 0xE1 && c <= 0xEF:
+		need = 2
+	case c == 0xF0:
+		lo, need = 0x90, 3
+	case c == 0xF4:
+		hi, need = 0x8F, 3
+	case c >= 0xF1 && c <= 0xF3:
+		need = 3
+	}
+	n := 1
+	for ; n <= need && n < len(s) && s[n] >= lo && s[n] <= hi; n++ {
+		lo, hi = 0x80, 0xBF
+	}
+	return n
 }
 
 func hasDotSegment(segs []string) bool {

@@ -37,8 +37,11 @@ const (
 type requestAuth struct {
 	state authState
 	token string
-	// query is the request's query as Synapse parses it; nil when empty.
+	// query is the request's arguments as Synapse parses them (the query;
+	// see withForm for form bodies); nil when empty.
 	query url.Values
+	// header is the Authorization header the homeserver will receive.
+	header []string
 }
 
 // readAuth reads a request's credentials the way Synapse does: the one
@@ -48,11 +51,49 @@ type requestAuth struct {
 // homeserver costs a cache miss; being looser would answer a request the
 // homeserver rejects, or let a client make the proxy name the wrong token.
 func readAuth(r *http.Request) requestAuth {
-	var a requestAuth
+	var q url.Values
 	if r.URL.RawQuery != "" {
-		a.query = synapseQuery(r.URL.RawQuery)
+		q = synapseQuery(r.URL.RawQuery)
 	}
 	hdr := r.Header["Authorization"]
+	if len(hdr) > 0 && connectionNames(r.Header, "Authorization") {
+		// A hop-by-hop header: the proxy removes it before forwarding,
+		// so the homeserver judges the request without it.
+		hdr = nil
+	}
+	return authOf(hdr, q)
+}
+
+// connectionNames reports whether the Connection header names field.
+func connectionNames(h http.Header, field string) bool {
+	for _, v := range h["Connection"] {
+		for f := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(f), field) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// withForm returns the credentials of a request whose body is a form
+// Synapse reads (Twisted merges an application/x-www-form-urlencoded POST
+// body into the request's arguments, each key replacing the query's).
+func (a *requestAuth) withForm(body []byte) requestAuth {
+	q := url.Values{}
+	for k, v := range a.query {
+		q[k] = v
+	}
+	for k, v := range synapseQuery(string(body)) {
+		q[k] = v
+	}
+	return authOf(a.header, q)
+}
+
+// authOf reads the credentials of a request with Authorization header hdr
+// and arguments q.
+func authOf(hdr []string, q url.Values) requestAuth {
+	a := requestAuth{query: q, header: hdr}
 	qtok, hasQ := a.query[paramAccessToken]
 	switch {
 	case len(hdr) == 0 && !hasQ:

