@@ -35,7 +35,9 @@ type Config struct {
 	Upstream *url.URL
 	// Transport carries every request to the homeserver, proxied ones and
 	// the proxy's own whoami lookups. Required; upstream.NewTransport makes
-	// a suitable one.
+	// a suitable one. It must report httptrace's WroteRequest for revoking
+	// calls (net/http's Transport does): a call without an answer counts as
+	// performed only once it was written whole.
 	Transport http.RoundTripper
 	// Hasher derives cache keys from tokens. Nil means a random key, which
 	// is right for a single replica.
