@@ -316,10 +316,13 @@ func parseLocked(body []byte) (locked, ok bool) {
 	if json.Unmarshal(body, &m) != nil {
 		return true, false
 	}
-	if json.Unmarshal(m["locked"], &locked) != nil {
-		return true, false
+	switch string(m["locked"]) {
+	case "false":
+		return false, true
+	case "true":
+		return true, true
 	}
-	return locked, true
+	return true, false // missing, null, not a boolean
 }
 
 // parseAdminUserUpdate reads a PUT /_synapse/admin/v2/users/{userId} body

@@ -395,3 +395,40 @@ func TestReplaceInvalidUTF8(t *testing.T) {
 		}
 	}
 }
+
+// FuzzSynapseQuery: Twisted's parse_qs never fails, so neither may the
+// proxy's reading of it, and every value it returns comes from a pair with
+// an '=' in the raw query.
+func FuzzSynapseQuery(f *testing.F) {
+	for _, s := range []string{"a=1&a=2", "x=%zz;access_token=T", "=&;==", "user_id=&flag", "%E2%82A=%FF+"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		q := synapseQuery(raw)
+		n := 0
+		for _, vs := range q {
+			n += len(vs)
+		}
+		if pairs := strings.Count(raw, "="); n > pairs {
+			t.Fatalf("%q: %d values from %d '='", raw, n, pairs)
+		}
+	})
+}
+
+func FuzzParseLocked(f *testing.F) {
+	for _, s := range []string{`{"locked":true}`, `{"locked":false}`, `{"Locked":false}`, `{"locked":null}`, `[]`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		// Anything but a JSON object whose "locked" is false locks, for
+		// the proxy: it invalidates more, never less.
+		locked, ok := parseLocked(body)
+		var m map[string]any
+		if json.Unmarshal(body, &m) == nil && m["locked"] == false && (!ok || locked) {
+			t.Fatalf("%s: read as locked", body)
+		}
+		if ok && !locked && (json.Unmarshal(body, &m) != nil || m["locked"] != false) {
+			t.Fatalf("%s: read as unlocked", body)
+		}
+	})
+}
