@@ -14,7 +14,7 @@ import (
 func TestIntrospectRequest(t *testing.T) {
 	var got struct {
 		method, auth, ctype string
-		form               url.Values
+		form                url.Values
 	}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got.method, got.auth, got.ctype = r.Method, r.Header.Get("Authorization"), r.Header.Get("Content-Type")
