@@ -265,7 +265,7 @@ func TestE2EMAS(t *testing.T) {
 
 	t.Run("two replicas on the bus", func(t *testing.T) {
 		rs := e2eBusStartRedis(t)
-		env := map[string]string{"REDIS_URL": "redis://" + rs.addr, "TOKEN_HASH_KEY": e2eRandHex() + e2eRandHex(), "MAS_SECRET": m.Secret}
+		env := map[string]string{"REDIS_URL": "redis://" + rs.addr, "TOKEN_HASH_KEY": e2eRandHex() + e2eRandHex(), "RATE_LIMIT_RPS": "0"}
 		pa := e2eStartProxy(t, syn.URL, env)
 		pb := e2eStartProxy(t, syn.URL, env)
 		e2eBusWaitUp(t, 1, pa, pb)
