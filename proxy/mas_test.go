@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap/zapcore"
+
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
 )
@@ -536,4 +538,44 @@ func TestMASIntrospectionBoundsLifetime(t *testing.T) {
 			t.Errorf("%d introspections", n)
 		}
 	})
+}
+
+// MAS's secret is treated like a token: it never reaches the logs or the
+// metrics, whatever MAS's calls do (succeed, flush, fail, time out).
+func TestMASSecretNeverReachesLogsOrMetrics(t *testing.T) {
+	h := newHarness(t, limited(RateLimitConfig{RPS: 0.001, Burst: 1}), func(c *Config) {
+		c.MASSecret = testMASSecret
+		c.Introspector = introspectorFunc(func(context.Context, string) (upstream.Introspection, error) {
+			return upstream.Introspection{}, errors.New("MAS is down")
+		})
+	})
+	h.hs.serveMAS()
+	// Before the server name is known: a flush, logged.
+	h.call(204, "POST", "/_synapse/mas/delete_device", masHeader(), `{"localpart":"alice","device_id":"PHONE"}`)
+	h.do("POST", "/_synapse/mas/delete_user?access_token="+testMASSecret, nil, `{"localpart":"alice","erase":true}`)
+	h.do("GET", "/_synapse/mas/query_user?localpart=alice", masHeader(), "")
+	h.do("POST", "/_synapse/mas/provision_user", bearer(testMASSecret+"x"), `{"localpart":"alice","locked":true}`)
+	h.whoami(h.hs.login("@alice:hs", "PHONE"))
+	h.hs.srv.Close() // errors log too
+	h.do("POST", "/_synapse/mas/sync_devices", masHeader(), `{"localpart":"alice","devices":[]}`)
+	if h.logs.Len() == 0 {
+		t.Fatal("nothing was logged: the test proves nothing")
+	}
+	enc := zapcore.NewJSONEncoder(zapcore.EncoderConfig{MessageKey: "msg"})
+	for _, e := range h.logs.All() {
+		buf, err := enc.EncodeEntry(e.Entry, e.Context)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(buf.String(), testMASSecret) {
+			t.Errorf("MAS's secret reached the logs: %s", buf.String())
+		}
+	}
+	mfs, err := h.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := fmt.Sprint(mfs); strings.Contains(s, testMASSecret) {
+		t.Errorf("MAS's secret reached the metrics: %s", s)
+	}
 }
