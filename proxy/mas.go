@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/prometheus/client_golang/prometheus"
@@ -47,6 +48,11 @@ type Introspector interface {
 // introspection cache (two minutes) has almost surely let go of that user's
 // tokens, so the proxy would store no positive answer for them anyway.
 const defaultMaxLockedUsers = 10000
+
+// introspectTimeout bounds asking MAS about a token, within the lookup's own
+// bound: a slow MAS must not make every cache miss slow. Past it, the answer
+// is stored as without MAS.
+const introspectTimeout = 2 * time.Second
 
 // mas is the proxy's MAS state.
 type mas struct {
@@ -176,7 +182,9 @@ func (p *Proxy) masReview(ctx context.Context, key tokencache.Key, token string,
 	if m.introspector == nil || key.Variant != 0 || a.DeviceID == "" {
 		return a
 	}
-	in, err := m.introspector.Introspect(ctx, token)
+	ictx, cancel := context.WithTimeout(ctx, introspectTimeout)
+	defer cancel()
+	in, err := m.introspector.Introspect(ictx, token)
 	switch {
 	case err != nil:
 		m.introspected.WithLabelValues("error").Inc()

@@ -525,6 +525,21 @@ func TestMASIntrospectionBoundsLifetime(t *testing.T) {
 			t.Error("error not counted")
 		}
 	})
+	t.Run("a slow MAS is not waited for past introspectTimeout", func(t *testing.T) {
+		var bounded atomic.Bool
+		h := newHarness(t, func(c *Config) {
+			c.Cache.LookupTimeout = time.Minute
+			c.Introspector = introspectorFunc(func(ctx context.Context, _ string) (upstream.Introspection, error) {
+				dl, ok := ctx.Deadline()
+				bounded.Store(ok && time.Until(dl) <= introspectTimeout)
+				return upstream.Introspection{}, context.DeadlineExceeded
+			})
+		})
+		tok := h.hs.login("@alice:hs", "PHONE")
+		if n := lookups(h, tok, 2); n != 1 || !bounded.Load() {
+			t.Errorf("%d lookups (want 1: stored for CACHE_TTL); introspection bounded by introspectTimeout: %v", n, bounded.Load())
+		}
+	})
 	t.Run("appservice and device-less answers are not introspected", func(t *testing.T) {
 		h := newH(t)
 		as := h.hs.login("@as_bot:hs", "")
