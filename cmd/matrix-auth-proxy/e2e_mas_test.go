@@ -266,7 +266,8 @@ func TestE2EMAS(t *testing.T) {
 
 	t.Run("two replicas on the bus", func(t *testing.T) {
 		rs := e2eBusStartRedis(t)
-		env := map[string]string{"REDIS_URL": "redis://" + rs.addr, "TOKEN_HASH_KEY": e2eRandHex() + e2eRandHex(), "RATE_LIMIT_RPS": "0"}
+		env := map[string]string{"REDIS_URL": "redis://" + rs.addr, "TOKEN_HASH_KEY": e2eRandHex() + e2eRandHex(), "RATE_LIMIT_RPS": "0",
+			"MAS_INTROSPECTION_URL": m.URL + "/oauth2/introspect", "MAS_SECRET_FILE": secretFile}
 		pa := e2eStartProxy(t, syn.URL, env)
 		pb := e2eStartProxy(t, syn.URL, env)
 		e2eBusWaitUp(t, 1, pa, pb)
@@ -278,6 +279,19 @@ func TestE2EMAS(t *testing.T) {
 		e2eWant2xx(t, m.call(t, "delete_device", map[string]any{"localpart": alice, "device_id": "A1"}))
 		e2eBusWant401Within(t, pb, tokens["A1"], e2eBusBound)
 		e2eWantServedFromCache(t, pb, "A2 at B", tokens["A2"])
+
+		// A lock through A: B drops the user (the bus) and, asking MAS
+		// about the token on its next miss, stores nothing while Synapse's
+		// introspection cache still answers 200.
+		m.setLocked(alice, true)
+		e2eWant2xx(t, m.call(t, "provision_user", map[string]any{"localpart": alice, "locked": true}))
+		for i := range 2 {
+			before := e2eFamilySum(t, pb.AdminURL, e2eUpstreamWhoamiFamily)
+			e2eWhoami(t, pb.URL, tokens["A2"])
+			if d := e2eFamilySum(t, pb.AdminURL, e2eUpstreamWhoamiFamily) - before; d != 1 {
+				t.Errorf("locked at A, whoami %d at B: %v lookups reached Synapse, want 1 (nothing stored)", i, d)
+			}
+		}
 	})
 
 	t.Run("lock then unlock", func(t *testing.T) {
