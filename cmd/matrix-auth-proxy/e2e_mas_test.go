@@ -239,6 +239,18 @@ func TestE2EMAS(t *testing.T) {
 		if n := e2eMetric(t, px.AdminURL, `matrix_auth_proxy_rate_limited_total{key="ip"}`); n != 0 {
 			t.Errorf("%v requests rate-limited: MAS's calls are exempt", n)
 		}
+		// The proxy logs every request at debug level here; MAS's secret
+		// is in none of the lines, nor in the metrics.
+		logs, err := os.ReadFile(px.LogPath)
+		if err != nil || len(logs) == 0 {
+			t.Fatalf("proxy log: %v (%d bytes)", err, len(logs))
+		}
+		if strings.Contains(string(logs), m.Secret) {
+			t.Error("MAS's secret reached the proxy's log")
+		}
+		if r := e2eDo(t, nil, http.MethodGet, px.AdminURL+"/metrics", "", nil); strings.Contains(string(r.Body), m.Secret) {
+			t.Error("MAS's secret reached the metrics")
+		}
 	})
 
 	t.Run("calls made directly to Synapse", func(t *testing.T) {
