@@ -91,12 +91,15 @@ type outcome struct {
 	responseOK     bool
 	start          time.Time // when the call was sent: new tokens expire no earlier than start+expires_in_ms
 	newTokenHasher *tokencache.Hasher
+	serverName     string // the homeserver's name, "" while unknown (MAS calls name localparts)
 }
 
 // decision collects what an effect drops; the proxy applies it.
 type decision struct {
 	drops  []tokencache.Invalidation
 	limits []lifetimeLimit
+	// locks and unlocks are localparts MAS locked or unlocked (mas.go).
+	locks, unlocks []string
 }
 
 type lifetimeLimit struct {

@@ -70,6 +70,15 @@ func TestClassify(t *testing.T) {
 		{"PUT", "/_synapse/admin/v2/users/@a:hs", false, []string{"PUT users/* @a:hs"}},
 		{"GET", "/_synapse/admin/v2/users/@a:hs", false, nil},
 		{"PUT", "/_matrix/client/v3/rooms/!r:hs/send/m.room.message/1", false, nil},
+		{"POST", "/_synapse/mas/delete_device", false, []string{"POST delete_device"}},
+		{"POST", "/_synapse/mas/sync_devices/", false, []string{"POST sync_devices"}},
+		{"POST", "/_synapse//mas/%64elete_user", false, []string{"POST delete_user"}},
+		{"POST", "/_synapse/mas/provision_user", false, []string{"POST provision_user"}},
+		{"POST", "/_synapse/mas/reactivate_user", false, []string{"POST reactivate_user"}},
+		{"POST", "/_synapse/mas/upsert_device", false, nil},
+		{"POST", "/_synapse/mas/set_displayname", false, nil},
+		{"GET", "/_synapse/mas/query_user", false, nil},
+		{"POST", "/_synapse/mas/v1/delete_device", false, nil},
 	}
 	for _, tt := range tests {
 		r := &http.Request{Method: tt.method, URL: &url.URL{Path: mustUnescape(t, tt.path), RawPath: tt.path}}

@@ -69,6 +69,21 @@ type Config struct {
 	// once; a body that does not fit is forwarded unread, and its call
 	// then invalidates more (the caller's whole user). 0 means 16 MiB.
 	BodyMemory int64
+
+	// ServerName is the homeserver's name, which the Matrix Authentication
+	// Service's calls leave out (they name localparts). Empty: learned
+	// from the first positive whoami answer.
+	ServerName string
+	// MASSecret is the secret the Matrix Authentication Service and
+	// Synapse share. Requests carrying it as their bearer token are not
+	// rate-limited. Never logged.
+	MASSecret string
+	// Introspector, if set, is asked for the expiry of a MAS token at its
+	// first lookup (see mas.go); nil: answers live CACHE_TTL.
+	Introspector Introspector
+	// MaxLockedUsers bounds the users MAS locked that the proxy
+	// remembers; 0 means 10000.
+	MaxLockedUsers int
 }
 
 // Proxy is an http.Handler for the client-facing listener.
@@ -85,6 +100,7 @@ type Proxy struct {
 	writers sync.Pool // of *statusWriter
 	trusted []netip.Prefix
 	limiter *limiter // nil: no rate limiting
+	mas     *mas
 	// warnedXFF is set once the misconfiguration warning of allow was
 	// logged.
 	warnedXFF atomic.Bool
@@ -139,6 +155,9 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	cacheLen = p.cache.Len
+	if p.mas, err = newMAS(cfg, cfg.Registerer); err != nil {
+		return nil, err
+	}
 	if p.limiter, err = newLimiter(cfg.RateLimit, p.now); err != nil {
 		return nil, err
 	}
@@ -224,7 +243,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // bucket is empty: a limited request never reaches the homeserver.
 func (p *Proxy) allow(w http.ResponseWriter, r *http.Request, c *caller) bool {
 	addr := c.addr
-	if inAny(addr, p.limiter.exemptCIDRs) {
+	if inAny(addr, p.limiter.exemptCIDRs) || p.mas.fromMAS(r) {
 		return true
 	}
 	key, kind := ipKey(addr), limitedByIP

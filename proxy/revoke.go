@@ -289,7 +289,7 @@ func (p *Proxy) settle(pl *plan, status int, resp *http.Response) {
 		return
 	}
 	o := outcome{result: res, caller: pl.caller, token: pl.token, user: pl.user, device: pl.device,
-		body: pl.body, bodyOK: pl.bodyOK, start: pl.start, newTokenHasher: p.hasher}
+		body: pl.body, bodyOK: pl.bodyOK, start: pl.start, newTokenHasher: p.hasher, serverName: p.mas.serverName()}
 	if pl.needs&needResponse != 0 && res == performed && resp != nil {
 		o.response, o.responseOK = peekResponse(resp)
 	}
@@ -304,6 +304,14 @@ func (p *Proxy) settle(pl *plan, status int, resp *http.Response) {
 // apply carries out a decision.
 func (p *Proxy) apply(d *decision, rt routeName) {
 	c := p.cache
+	// Locks first: a lookup that checks after the lock stores nothing, one
+	// that checked before is made stale by the drops below.
+	for _, l := range d.locks {
+		p.mas.locked.lock(l)
+	}
+	for _, l := range d.unlocks {
+		p.mas.locked.unlock(l)
+	}
 	for _, inv := range d.drops {
 		switch inv.Scope {
 		case tokencache.ScopeToken:

@@ -51,6 +51,7 @@ const (
 	routeLogin
 	routeLock
 	routeSSOLogout
+	routeMAS
 	numRoutes
 )
 
@@ -65,6 +66,7 @@ var routeLabels = [numRoutes]string{
 	routeLogin:      "login",
 	routeLock:       "lock",
 	routeSSOLogout:  "sso_logout",
+	routeMAS:        "mas",
 }
 
 func (n routeName) String() string { return routeLabels[n] }
@@ -77,6 +79,7 @@ const (
 	apiClient        api = iota // /_matrix/client/{version…}/
 	apiSynapseAdmin             // /_synapse/admin/{v1,v2}/
 	apiSynapseClient            // /_synapse/client/ (no version)
+	apiSynapseMAS               // /_synapse/mas/ (no version)
 )
 
 var apiPrefixes = [...]struct {
@@ -86,6 +89,7 @@ var apiPrefixes = [...]struct {
 	apiClient:        {[2]string{"_matrix", "client"}, 1, 2},
 	apiSynapseAdmin:  {[2]string{"_synapse", "admin"}, 1, 1},
 	apiSynapseClient: {[2]string{"_synapse", "client"}, 0, 0},
+	apiSynapseMAS:    {[2]string{"_synapse", "mas"}, 0, 0},
 }
 
 // needs says what a revoking route's effect must know, found before the
@@ -151,6 +155,17 @@ var revokingRoutes = []*revokingRoute{
 	// to devices: a success flushes (rare, and only an identity provider
 	// can make one succeed).
 	{method: "POST", api: apiSynapseClient, path: "oidc/backchannel_logout", leaf: true, name: routeSSOLogout, effect: flushAll},
+
+	// The Matrix Authentication Service's calls to Synapse (MSC3861
+	// delegation; synapse/rest/synapse/mas/): the user is named by
+	// localpart in the body (see mas.go). upsert_device,
+	// update_device_display_name, set_displayname, unset_displayname,
+	// allow_cross_signing_reset and the GETs revoke nothing.
+	{method: "POST", api: apiSynapseMAS, path: "delete_device", name: routeMAS, needs: needBody, effect: masDeleteDevice},
+	{method: "POST", api: apiSynapseMAS, path: "sync_devices", name: routeMAS, needs: needBody, effect: masSyncDevices},
+	{method: "POST", api: apiSynapseMAS, path: "delete_user", name: routeMAS, needs: needBody, effect: masDeleteUser},
+	{method: "POST", api: apiSynapseMAS, path: "provision_user", name: routeMAS, needs: needBody, effect: masProvisionUser},
+	{method: "POST", api: apiSynapseMAS, path: "reactivate_user", name: routeMAS, needs: needBody, effect: masReactivateUser},
 }
 
 func init() {

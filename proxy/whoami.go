@@ -69,6 +69,7 @@ func (p *Proxy) resolve(r *http.Request, addr netip.Addr, key tokencache.Key, c 
 		}
 		p.m.upstreamWhoami.WithLabelValues(strconv.Itoa(reply.Status)).Inc()
 		a, unknownToken := p.answerFor(reply, c.masq)
+		a = p.masReview(ctx, key, wr.Token, a) // MAS: server name, locked users, expiry (mas.go)
 		if unknownToken {
 			// Passive invalidation: drop what else is held for this token
 			// (other masquerade variants). A negative answer is never made

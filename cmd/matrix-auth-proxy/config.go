@@ -3,10 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"reflect"
 	"strconv"
 	"strings"
@@ -48,12 +50,19 @@ type Config struct {
 	RedisChannel      string        `env:"REDIS_CHANNEL" envDefault:"matrix-auth-proxy:invalidate"`
 	RedisDownCacheTTL time.Duration `env:"REDIS_DOWN_CACHE_TTL" envDefault:"10s"`
 
+	ServerName          string `env:"SERVER_NAME"`
+	MASIntrospectionURL string `env:"MAS_INTROSPECTION_URL"`
+	MASSecret           string `env:"MAS_SECRET"`
+	MASSecretFile       string `env:"MAS_SECRET_FILE"`
+
 	// Derived by loadConfig.
 	upstream    *url.URL
 	level       zapcore.Level
 	exemptCIDRs []netip.Prefix
 	trusted     []netip.Prefix
 	exemptUsers []string
+	masURL      *url.URL
+	masSecret   string // MAS_SECRET, or MAS_SECRET_FILE's content
 }
 
 // configError names the environment variable that is wrong, never the Go
@@ -157,7 +166,45 @@ func (c *Config) validate() error {
 	if err := c.validateRateLimit(); err != nil {
 		return err
 	}
+	if err := c.validateMAS(); err != nil {
+		return err
+	}
 	return c.validateBus()
+}
+
+// validateMAS checks the Matrix Authentication Service settings. The
+// secret is never echoed, nor is a URL that might carry one.
+func (c *Config) validateMAS() error {
+	if c.ServerName != "" && (strings.ContainsAny(c.ServerName, "/@ \t") || strings.HasPrefix(c.ServerName, ":")) {
+		return &configError{"SERVER_NAME", fmt.Sprintf("%q is not a Matrix server name like example.org", c.ServerName)}
+	}
+	switch {
+	case c.MASSecret != "" && c.MASSecretFile != "":
+		return &configError{"MAS_SECRET_FILE", "must not be set together with MAS_SECRET: use one"}
+	case c.MASSecretFile != "":
+		b, err := readSecretFile(c.MASSecretFile)
+		if err != nil {
+			return &configError{"MAS_SECRET_FILE", fmt.Sprintf("%q cannot be read: %v", c.MASSecretFile, err)}
+		}
+		// Synapse strips the file's content the same way.
+		if c.masSecret = strings.TrimSpace(string(b)); c.masSecret == "" {
+			return &configError{"MAS_SECRET_FILE", fmt.Sprintf("%q is empty", c.MASSecretFile)}
+		}
+	default:
+		c.masSecret = c.MASSecret
+	}
+	if c.MASIntrospectionURL == "" {
+		return nil
+	}
+	u, err := url.Parse(c.MASIntrospectionURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil {
+		return &configError{"MAS_INTROSPECTION_URL", "is not an http:// or https:// URL with a host and no user info, like http://mas:8080/oauth2/introspect"}
+	}
+	if c.masSecret == "" {
+		return &configError{"MAS_INTROSPECTION_URL", "needs MAS_SECRET or MAS_SECRET_FILE (matrix.secret of MAS, the secret Synapse uses)"}
+	}
+	c.masURL = u
+	return nil
 }
 
 // minHashKey is the shortest TOKEN_HASH_KEY accepted: 32 characters, e.g.
@@ -221,4 +268,27 @@ func checkAddr(addr string) error {
 		return errors.New("has no valid port number")
 	}
 	return nil
+}
+
+// maxSecretFile bounds what MAS_SECRET_FILE may hold.
+const maxSecretFile = 4 << 10
+
+func readSecretFile(name string) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		var pe *os.PathError
+		if errors.As(err, &pe) {
+			return nil, pe.Err
+		}
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxSecretFile+1))
+	if err != nil {
+		return nil, errors.New("read failed")
+	}
+	if len(b) > maxSecretFile {
+		return nil, errors.New("is over 4 KiB")
+	}
+	return b, nil
 }

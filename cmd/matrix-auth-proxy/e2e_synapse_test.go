@@ -50,9 +50,10 @@ type e2eAppService struct {
 const e2eFencedAddr = "127.0.0.3"
 
 // e2eWriteExtraConfig writes the appservice registrations and the extra
-// homeserver.yaml of a test Synapse into its data dir and returns the path
-// for SYNAPSE_EXTRA_CONFIG.
-func e2eWriteExtraConfig(s *e2eSynapse) (string, error) {
+// homeserver.yaml of a test Synapse into its data dir, followed by more
+// (YAML that repeats none of its keys), and returns the path for
+// SYNAPSE_EXTRA_CONFIG.
+func e2eWriteExtraConfig(s *e2eSynapse, more string) (string, error) {
 	randHex := func() string {
 		b := make([]byte, 16)
 		_, _ = rand.Read(b)
@@ -83,7 +84,7 @@ func e2eWriteExtraConfig(s *e2eSynapse) (string, error) {
 		files = append(files, "'"+f+"'")
 	}
 	extra := "app_service_config_files: [" + strings.Join(files, ", ") + "]\n" +
-		"experimental_features:\n  msc3814_enabled: true\n"
+		"experimental_features:\n  msc3814_enabled: true\n" + more
 	path := filepath.Join(s.Data, "extra.yaml")
 	return path, os.WriteFile(path, []byte(extra), 0o600)
 }
@@ -124,7 +125,14 @@ func e2eSharedSynapse(t testing.TB) *e2eSynapse {
 // the test ends.
 func e2eOwnSynapse(t testing.TB, name string) *e2eSynapse {
 	t.Helper()
-	s, err := e2eStartSynapse(t, name)
+	return e2eOwnSynapseWith(t, name, "")
+}
+
+// e2eOwnSynapseWith is e2eOwnSynapse with extra homeserver.yaml (see
+// e2eWriteExtraConfig).
+func e2eOwnSynapseWith(t testing.TB, name, extra string) *e2eSynapse {
+	t.Helper()
+	s, err := e2eStartSynapseWith(t, name, extra)
 	e2eCheckSynapse(t, err)
 	t.Cleanup(func() {
 		if err := s.Stop(); err != nil {
@@ -148,6 +156,12 @@ func e2eCheckSynapse(t testing.TB, err error) {
 // and starts a Synapse with its own data dir and port.
 func e2eStartSynapse(t testing.TB, name string) (*e2eSynapse, error) {
 	t.Helper()
+	return e2eStartSynapseWith(t, name, "")
+}
+
+// e2eStartSynapseWith is e2eStartSynapse with extra homeserver.yaml.
+func e2eStartSynapseWith(t testing.TB, name, extra string) (*e2eSynapse, error) {
+	t.Helper()
 	if _, err := exec.LookPath("curl"); err != nil {
 		return nil, fmt.Errorf("%w: deploy/local/synapse.sh needs curl, not on PATH", errE2ENoSynapse)
 	}
@@ -164,7 +178,7 @@ func e2eStartSynapse(t testing.TB, name string) (*e2eSynapse, error) {
 	}
 	addr := e2eFreeAddr(t)
 	s := &e2eSynapse{URL: "http://" + addr, Data: data, port: addr[strings.LastIndexByte(addr, ':')+1:]}
-	if _, err := e2eWriteExtraConfig(s); err != nil {
+	if _, err := e2eWriteExtraConfig(s, extra); err != nil {
 		return nil, err
 	}
 

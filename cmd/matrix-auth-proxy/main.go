@@ -114,6 +114,14 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 			invBus.Publish(inv)
 		}
 	}
+	var introspector proxy.Introspector
+	if cfg.masURL != nil {
+		in, err := upstream.NewIntrospector(cfg.masURL, cfg.masSecret, transport, nil)
+		if err != nil {
+			return fmt.Errorf("MAS_INTROSPECTION_URL: %w", err)
+		}
+		introspector = in
+	}
 	p, err := proxy.New(proxy.Config{
 		Upstream:  cfg.upstream,
 		Transport: transport,
@@ -136,6 +144,9 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 			ExemptUsers: cfg.exemptUsers,
 			ExemptCIDRs: cfg.exemptCIDRs,
 		},
+		ServerName:   cfg.ServerName,
+		MASSecret:    cfg.masSecret,
+		Introspector: introspector,
 	})
 	if err != nil {
 		return err

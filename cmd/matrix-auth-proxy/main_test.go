@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
@@ -62,6 +64,9 @@ func TestBadConfigExits2NamingTheVariable(t *testing.T) {
 		"TRUSTED_PROXIES":         "ingress",
 		"TOKEN_HASH_KEY":          "short",
 		"REDIS_URL":               "http://:secret@redis:6379",
+		"SERVER_NAME":             "@example.org",
+		"MAS_INTROSPECTION_URL":   "mas:8080/oauth2/introspect",
+		"MAS_SECRET_FILE":         "/nonexistent/mas-secret",
 	}
 	for name, val := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -121,6 +126,48 @@ func TestBusConfig(t *testing.T) {
 	run(t.Context(), map[string]string{"REDIS_URL": "http://:hunter2@redis"}, &out)
 	if !strings.Contains(out.String(), "REDIS_URL") || strings.Contains(out.String(), "hunter2") {
 		t.Errorf("output %q", out.String())
+	}
+}
+
+func TestMASConfig(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "secret")
+	if err := os.WriteFile(file, []byte("  s3cret-from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	empty := filepath.Join(dir, "empty")
+	if err := os.WriteFile(empty, []byte("\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const url = "http://127.0.0.1:8081/oauth2/introspect"
+	for _, tt := range []struct {
+		env        map[string]string
+		want       string // variable named in the error; "" for none
+		wantSecret string
+	}{
+		{map[string]string{}, "", ""},
+		{map[string]string{"SERVER_NAME": "example.org:8448"}, "", ""},
+		{map[string]string{"MAS_SECRET": "hunter2"}, "", "hunter2"},
+		{map[string]string{"MAS_SECRET_FILE": file}, "", "s3cret-from-file"},
+		{map[string]string{"MAS_SECRET_FILE": empty}, "MAS_SECRET_FILE", ""},
+		{map[string]string{"MAS_SECRET_FILE": file, "MAS_SECRET": "hunter2"}, "MAS_SECRET_FILE", ""},
+		{map[string]string{"MAS_INTROSPECTION_URL": url}, "MAS_INTROSPECTION_URL", ""},
+		{map[string]string{"MAS_INTROSPECTION_URL": url, "MAS_SECRET": "hunter2"}, "", "hunter2"},
+		{map[string]string{"MAS_INTROSPECTION_URL": "http://u:hunter2@mas/oauth2/introspect", "MAS_SECRET": "hunter2"}, "MAS_INTROSPECTION_URL", ""},
+	} {
+		cfg, err := loadConfig(tt.env)
+		var ce *configError
+		switch {
+		case tt.want == "" && err != nil:
+			t.Errorf("%v: %v", tt.env, err)
+		case tt.want != "" && (!errors.As(err, &ce) || ce.Var != tt.want):
+			t.Errorf("%v: got %v, want an error naming %s", tt.env, err, tt.want)
+		case tt.want == "" && cfg.masSecret != tt.wantSecret:
+			t.Errorf("%v: secret %q, want %q", tt.env, cfg.masSecret, tt.wantSecret)
+		}
+		if err != nil && (strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "s3cret")) {
+			t.Errorf("%v: the error echoes the secret: %v", tt.env, err)
+		}
 	}
 }
 
