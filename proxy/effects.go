@@ -121,6 +121,11 @@ func (d *decision) dropUser(user string, spare tokencache.TokenID, r tokencache.
 	d.drops = append(d.drops, tokencache.Invalidation{Scope: tokencache.ScopeUser, UserID: user, Token: spare, Reason: r})
 }
 
+// dropDevicesExcept drops the user's devices but those in keep.
+func (d *decision) dropDevicesExcept(user string, keep []string, r tokencache.Reason) {
+	d.drops = append(d.drops, tokencache.Invalidation{Scope: tokencache.ScopeDevicesExcept, UserID: user, Keep: keep, Reason: r})
+}
+
 func (d *decision) flush(r tokencache.Reason) {
 	d.drops = append(d.drops, tokencache.Invalidation{Scope: tokencache.ScopeAll, Reason: r})
 }

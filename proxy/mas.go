@@ -290,11 +290,15 @@ func masDeleteDevice(o *outcome, d *decision) {
 
 // masSyncDevices: POST /_synapse/mas/sync_devices {"localpart", "devices"}:
 // Synapse deletes every device of the user the list does not name (but the
-// dehydrated one). The cache cannot list a user's devices, so the whole
-// user goes: the devices still listed cost one lookup each.
+// dehydrated one, which holds no token). A list that cannot be read drops
+// the whole user.
 func masSyncDevices(o *outcome, d *decision) {
-	forMASUser(o, d, reasonDevice, func(_ masCall, user string) {
-		d.dropUser(user, tokencache.TokenID{}, reasonDevice)
+	forMASUser(o, d, reasonDevice, func(c masCall, user string) {
+		if !c.hasList {
+			d.dropUser(user, tokencache.TokenID{}, reasonDevice)
+			return
+		}
+		d.dropDevicesExcept(user, c.devices, reasonDevice)
 	})
 }
 

@@ -83,7 +83,7 @@ func TestMASCalls(t *testing.T) {
 		{name: "delete_device", path: "delete_device", body: `{"localpart":"alice","device_id":"PHONE"}`, status: 204,
 			revoked: []string{"phone"}, reason: "device"},
 		{name: "sync_devices", path: "sync_devices", body: `{"localpart":"alice","devices":["LAPTOP"]}`, status: 200,
-			revoked: []string{"phone", "tablet"}, uncached: []string{"laptop"}, reason: "device"},
+			revoked: []string{"phone", "tablet"}, reason: "device"},
 		{name: "delete_user", path: "delete_user", body: `{"localpart":"alice","erase":true}`, status: 200,
 			revoked: []string{"phone", "laptop", "tablet"}, reason: "deactivate"},
 		{name: "upsert_device", path: "upsert_device", body: `{"localpart":"alice","device_id":"NEW"}`, status: 200},
@@ -159,8 +159,9 @@ func TestMASEffects(t *testing.T) {
 		{name: "delete_device, server name unknown", effect: masDeleteDevice, body: `{"localpart":"alice","device_id":"PHONE"}`, noName: true, want: []string{flush}},
 		{name: "delete_device, server name unknown, unknown outcome", effect: masDeleteDevice, body: `{"localpart":"alice","device_id":"PHONE"}`, noName: true, res: unknown, want: nil},
 		{name: "delete_device, server with port", effect: masDeleteDevice, body: `{"localpart":"alice","device_id":"PHONE"}`, server: "hs:8448", want: []string{dev("@alice:hs:8448", "PHONE")}},
-		{name: "sync_devices", effect: masSyncDevices, body: `{"localpart":"alice","devices":["A"]}`, want: []string{usr("@alice:hs")}},
-		{name: "sync_devices, empty list", effect: masSyncDevices, body: `{"localpart":"alice","devices":[]}`, want: []string{usr("@alice:hs")}},
+		{name: "sync_devices", effect: masSyncDevices, body: `{"localpart":"alice","devices":["A","B"]}`, want: []string{"all devices of @alice:hs but A,B"}},
+		{name: "sync_devices, empty list", effect: masSyncDevices, body: `{"localpart":"alice","devices":[]}`, want: []string{"all devices of @alice:hs but "}},
+		{name: "sync_devices, no list", effect: masSyncDevices, body: `{"localpart":"alice"}`, want: []string{usr("@alice:hs")}},
 		{name: "sync_devices, list unreadable", effect: masSyncDevices, body: `{"localpart":"alice","devices":"A"}`, want: []string{usr("@alice:hs")}},
 		{name: "delete_user", effect: masDeleteUser, body: `{"localpart":"alice","erase":false}`, want: []string{usr("@alice:hs")}},
 		{name: "delete_user, body unread", effect: masDeleteUser, unread: true, want: []string{flush}},
@@ -202,6 +203,8 @@ func TestMASEffects(t *testing.T) {
 					got = append(got, usr(inv.UserID))
 				case tokencache.ScopeAll:
 					got = append(got, flush)
+				case tokencache.ScopeDevicesExcept:
+					got = append(got, "all devices of "+inv.UserID+" but "+strings.Join(inv.Keep, ","))
 				default:
 					got = append(got, fmt.Sprint(inv))
 				}

@@ -320,6 +320,8 @@ func (p *Proxy) apply(d *decision, rt routeName) {
 			c.InvalidateDevice(inv.UserID, inv.DeviceID, inv.Reason)
 		case tokencache.ScopeUser:
 			c.InvalidateUser(inv.UserID, inv.Token, inv.Reason)
+		case tokencache.ScopeDevicesExcept:
+			c.InvalidateDevicesExcept(inv.UserID, inv.Keep, inv.Reason)
 		case tokencache.ScopeAll:
 			n := c.Flush(inv.Reason)
 			p.m.flushes[rt].Inc()

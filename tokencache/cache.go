@@ -23,6 +23,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"math"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -260,6 +261,9 @@ const (
 	ScopeDevice                  // every positive answer for a user's device
 	ScopeUser                    // every positive answer for a user, but those of a spared token
 	ScopeAll                     // everything
+	// ScopeDevicesExcept: every positive answer for one of a user's
+	// devices that Keep does not name (device-less answers stay).
+	ScopeDevicesExcept
 )
 
 // Invalidation is one decision to drop answers. It holds Matrix IDs and a
@@ -271,7 +275,9 @@ type Invalidation struct {
 	Token    TokenID
 	UserID   string
 	DeviceID string
-	Reason   Reason
+	// Keep are the devices ScopeDevicesExcept spares.
+	Keep   []string
+	Reason Reason
 }
 
 type invalidation struct {
@@ -578,6 +584,12 @@ func (c *Cache) InvalidateUser(userID string, spare TokenID, reason Reason) int 
 	return c.invalidate(Invalidation{Scope: ScopeUser, UserID: userID, Token: spare, Reason: reason})
 }
 
+// InvalidateDevicesExcept drops every positive answer for a device of the
+// user that keep does not name; answers without a device stay.
+func (c *Cache) InvalidateDevicesExcept(userID string, keep []string, reason Reason) int {
+	return c.invalidate(Invalidation{Scope: ScopeDevicesExcept, UserID: userID, Keep: keep, Reason: reason})
+}
+
 // Flush drops every answer: the answer when the caller cannot tell whose
 // entries a revocation concerned.
 func (c *Cache) Flush(reason Reason) int {
@@ -617,7 +629,7 @@ func (c *Cache) Apply(inv Invalidation) int {
 	case ScopeToken:
 		small, big = c.variants.get(inv.Token)
 		small = append(small, Key{Token: inv.Token})
-	case ScopeDevice, ScopeUser:
+	case ScopeDevice, ScopeUser, ScopeDevicesExcept:
 		small, big = c.users.get(inv.UserID)
 	}
 	c.dropping = inv.Reason
@@ -684,6 +696,8 @@ func covers(inv *Invalidation, key Key, positive bool, user, device string) bool
 		return positive && user == inv.UserID && device == inv.DeviceID
 	case ScopeUser:
 		return positive && user == inv.UserID && (inv.Token == TokenID{} || key.Token != inv.Token)
+	case ScopeDevicesExcept:
+		return positive && user == inv.UserID && device != "" && !slices.Contains(inv.Keep, device)
 	}
 	return false
 }

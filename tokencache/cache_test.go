@@ -625,3 +625,43 @@ func TestSetMaxTTL(t *testing.T) {
 	f.expect(t, capped, Miss)
 	f.expect(t, normal, Hit)
 }
+
+// TestInvalidateDevicesExcept: a user's devices but the kept ones go (MAS's
+// sync_devices); device-less answers (an appservice masquerading as the
+// user) and other users stay, and a lookup in flight for a dropped device
+// does not store its answer.
+func TestInvalidateDevicesExcept(t *testing.T) {
+	f := newFixture(t, nil)
+	keys := map[string]Key{}
+	for _, d := range []string{"A", "B", "C", ""} {
+		keys[d] = f.h.Key("tok-"+d, Masquerade{})
+		f.fill(t, keys[d], positive("@u:hs", d))
+	}
+	bob := f.h.Key("tok-bob", Masquerade{})
+	f.fill(t, bob, positive("@bob:hs", "A"))
+
+	// A lookup for device C starts before the invalidation and ends after.
+	started, finish := make(chan struct{}), make(chan struct{})
+	late := f.h.Key("tok-late", Masquerade{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _, _ = f.c.Resolve(context.Background(), late, func(context.Context) (Answer, error) {
+			close(started)
+			<-finish
+			return positive("@u:hs", "C"), nil
+		})
+	}()
+	<-started
+	if n := f.c.InvalidateDevicesExcept("@u:hs", []string{"A"}, "device"); n != 2 {
+		t.Errorf("dropped %d, want 2 (B and C)", n)
+	}
+	close(finish)
+	<-done
+	f.expect(t, keys["A"], Hit)
+	f.expect(t, keys["B"], Miss)
+	f.expect(t, keys["C"], Miss)
+	f.expect(t, keys[""], Hit)
+	f.expect(t, bob, Hit)
+	f.expect(t, late, Miss)
+}

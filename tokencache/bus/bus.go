@@ -629,6 +629,10 @@ func encodeBusMessage(from string, inv tokencache.Invalidation) (string, error) 
 		if inv.Token != (tokencache.TokenID{}) {
 			m.Token = hex.EncodeToString(inv.Token[:])
 		}
+	case tokencache.ScopeDevicesExcept:
+		// Sent as the whole user, which every version reads: the peers
+		// drop the kept devices too, one lookup each.
+		m.Scope, m.UserID = scopeNames[tokencache.ScopeUser], inv.UserID
 	case tokencache.ScopeAll:
 	default:
 		return "", fmt.Errorf("unknown scope %d", inv.Scope)

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -907,12 +908,18 @@ func TestBusMessageFormat(t *testing.T) {
 		msg, invs, err := decodeBusMessage(got)
 		want := tc.inv
 		want.Reason = ""
-		if err != nil || len(invs) != 1 || invs[0] != want || msg.From != "me" || msg.Reason != string(tc.inv.Reason) {
+		if err != nil || len(invs) != 1 || !reflect.DeepEqual(invs[0], want) || msg.From != "me" || msg.Reason != string(tc.inv.Reason) {
 			t.Errorf("decode %s: got %+v from %q, %v; want %+v", got, invs, msg.From, err, want)
 		}
 	}
 	if _, err := encodeBusMessage("me", tokencache.Invalidation{}); err == nil {
 		t.Error("encoded an invalidation without a scope")
+	}
+	// A user's devices but some go to the peers as the whole user, which
+	// every replica, old or new, reads.
+	got, err := encodeBusMessage("me", tokencache.Invalidation{Scope: tokencache.ScopeDevicesExcept, UserID: "@a:x", Keep: []string{"K"}, Reason: "device"})
+	if want := `{"v":1,"from":"me","scope":"user","user_id":"@a:x","reason":"device"}`; err != nil || got != want {
+		t.Errorf("devices-except: got %s, %v; want %s", got, err, want)
 	}
 }
 
@@ -928,7 +935,7 @@ func TestBusBatchFormat(t *testing.T) {
 		t.Fatalf("decode %s: %+v from %q, %v", got, invs, msg.From, err)
 	}
 	for i, inv := range invs {
-		if want := (tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: ids[i]}); inv != want {
+		if want := (tokencache.Invalidation{Scope: tokencache.ScopeToken, Token: ids[i]}); !reflect.DeepEqual(inv, want) {
 			t.Errorf("invalidation %d: got %+v, want %+v", i, inv, want)
 		}
 	}
@@ -993,7 +1000,7 @@ func FuzzBusMessage(f *testing.F) {
 			t.Fatalf("accepted %q but cannot encode %+v: %v", payload, invs, err)
 		}
 		_, invs2, err := decodeBusMessage(again)
-		if err != nil || !slices.Equal(invs2, invs) {
+		if err != nil || !reflect.DeepEqual(invs2, invs) {
 			t.Fatalf("round trip of %q: %+v then %+v, %v", payload, invs, invs2, err)
 		}
 	})
