@@ -1,0 +1,87 @@
+package proxy
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+)
+
+// masBehindFlakyGateway makes the fake homeserver answer MAS's calls from
+// anyone but MAS with a 502, as an ingress or load balancer in front of
+// Synapse does while Synapse restarts or is overloaded (or as the proxy
+// itself settles a call that timed out). Synapse itself only ever answers
+// such a caller 403 ("This endpoint must only be called by MAS"): the call
+// cannot have been performed.
+func (hs *fakeHS) masBehindFlakyGateway() {
+	hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.HasPrefix(r.URL.Path, "/_synapse/mas/") {
+			return false
+		}
+		if r.Header.Get("Authorization") != "Bearer "+testMASSecret {
+			writeJSON(w, 502, `{"errcode":"M_UNKNOWN","error":"bad gateway"}`)
+			return true
+		}
+		writeJSON(w, 200, `{}`)
+		return true
+	})
+}
+
+// Review 2, finding 1: an ordinary client's MAS call with an unknown outcome
+// acts as if MAS had made it. MAS rows are settled like the others: a 5xx
+// or a timeout with a well-formed token counts as performed. But only MAS's
+// secret can make Synapse perform them, and the proxy knows that secret
+// (MAS_SECRET, needed for MAS_INTROSPECTION_URL and the rate-limit
+// exemption): a call carrying any other token cannot have been performed.
+// While the homeserver is in trouble any user can drop any other user's
+// entries (delete_user, sync_devices with an empty list) and lock them out
+// of the cache for good (provision_user locked), which during the outage
+// turns their cached whoami into a 502.
+func TestReview2MASCallWithOrdinaryTokenDropsOtherUsers(t *testing.T) {
+	for _, c := range []struct{ path, body string }{
+		{"delete_user", `{"localpart":"bob","erase":false}`},
+		{"sync_devices", `{"localpart":"bob","devices":[]}`},
+		{"delete_device", `{"localpart":"bob","device_id":"BOB"}`},
+		{"provision_user", `{"localpart":"bob","locked":true}`},
+	} {
+		t.Run(c.path, func(t *testing.T) {
+			h := newHarness(t, func(cfg *Config) { cfg.MASSecret = testMASSecret })
+			h.hs.masBehindFlakyGateway()
+			bob := h.hs.login("@bob:hs", "BOB")
+			mallory := h.hs.login("@mallory:hs", "M")
+			h.whoami(bob) // cached; the server name "hs" is learned
+			h.call(502, "POST", "/_synapse/mas/"+c.path, bearer(mallory), c.body)
+			h.cachedWithoutLookup(bob)
+			if h.p.mas.locked.has("@bob:hs") {
+				t.Error("an ordinary client's call locked bob out of the cache")
+			}
+		})
+	}
+}
+
+// Review 2, finding 1b: the same unknown outcomes let a client push MAS's
+// real locks out of the bounded set (oldest forgotten first), after which
+// Synapse's warm introspection cache refills the cache for the locked user
+// for CACHE_TTL. Shown with a bound of 3; the default 10,000 takes 10,000
+// calls.
+func TestReview2ClientCallsEvictMASLocks(t *testing.T) {
+	h := newHarness(t, func(cfg *Config) { cfg.MASSecret = testMASSecret; cfg.MaxLockedUsers = 3 })
+	h.hs.masBehindFlakyGateway()
+	alice := h.hs.login("@alice:hs", "A")
+	mallory := h.hs.login("@mallory:hs", "M")
+	h.whoami(mallory) // learns the server name
+	h.call(200, "POST", "/_synapse/mas/provision_user", masHeader(), `{"localpart":"alice","locked":true}`)
+	for _, u := range []string{"x1", "x2", "x3"} {
+		h.call(502, "POST", "/_synapse/mas/provision_user", bearer(mallory), `{"localpart":"`+u+`","locked":true}`)
+	}
+	if !h.p.mas.locked.has("@alice:hs") {
+		t.Error("MAS's lock of alice was pushed out by an ordinary client's calls")
+	}
+	// Synapse's introspection cache still answers 200 for alice: that
+	// answer must not be stored.
+	h.whoami(alice)
+	before := h.hs.whoamiCalls.Load()
+	h.whoami(alice)
+	if h.hs.whoamiCalls.Load() == before {
+		t.Error("locked alice's whoami was served from the cache")
+	}
+}
