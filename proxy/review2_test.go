@@ -1,9 +1,17 @@
 package proxy
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache/bus"
 )
 
 // masBehindFlakyGateway makes the fake homeserver answer MAS's calls from
@@ -84,4 +92,71 @@ func TestReview2ClientCallsEvictMASLocks(t *testing.T) {
 	if h.hs.whoamiCalls.Load() == before {
 		t.Error("locked alice's whoami was served from the cache")
 	}
+}
+
+// Review 2, finding 2: one ordinary request makes every other replica
+// flush its whole cache. POST /delete_devices names its devices in the
+// body; the proxy drops each (one explicit invalidation per ID, each
+// published on the bus as its own message) even for IDs the user never
+// had, and Synapse answers 200 for those (it deletes what exists). A 64 KiB
+// body names ~10,000 devices; the bus's explicit lane holds 1,024, and one
+// that does not fit is owed to the peers as a flush. The same holds for the
+// admin API's delete_devices (an admin), and for any sequence of own
+// revocations faster than Redis takes them, but this one needs a single
+// request and a password.
+//
+// The bus here is not running (Redis slower than the request): the test
+// shows what one request queues, which with a running bus is drained at
+// Redis's pace while the request's apply loop adds thousands in a few
+// milliseconds.
+func TestReview2OneDeleteDevicesRequestMakesPeersFlush(t *testing.T) {
+	var b *bus.Bus
+	var explicit atomic.Int64
+	h := newHarness(t, func(c *Config) {
+		c.Cache.OnInvalidate = func(inv tokencache.Invalidation) {
+			if inv.Reason != tokencache.ReasonUnknownToken {
+				explicit.Add(1)
+			}
+			b.Publish(inv)
+		}
+	})
+	reg := prometheus.NewRegistry()
+	var err error
+	if b, err = bus.New(bus.Config{URL: "redis://127.0.0.1:1", Registerer: reg}, h.p.cache); err != nil {
+		t.Fatal(err)
+	}
+	tok := h.hs.login("@mallory:hs", "M")
+	ids := make([]string, 2000)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("x%d", i)
+	}
+	list, _ := json.Marshal(ids)
+	h.call(200, "POST", "/_matrix/client/v3/delete_devices", bearer(tok), `{"devices":`+string(list)+`,`+uiaAuth+`}`)
+	t.Logf("one request published %d explicit invalidations", explicit.Load())
+	if n := gathered(t, reg, "matrix_auth_proxy_bus_messages_dropped_total", "queue_full"); n != 0 {
+		t.Errorf("one ordinary delete_devices overflowed the bus's explicit lane %v times: every peer is told to flush", n)
+	}
+}
+
+// gathered is the value of the counter name{reason=reason} in reg.
+func gathered(t *testing.T, reg *prometheus.Registry, name, reason string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "reason" && l.GetValue() == reason {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	t.Fatalf("no %s{reason=%q}", name, reason)
+	return 0
 }
