@@ -160,3 +160,20 @@ func gathered(t *testing.T, reg *prometheus.Registry, name, reason string) float
 	t.Fatalf("no %s{reason=%q}", name, reason)
 	return 0
 }
+
+// Review 2, finding 4: a SERVER_NAME that is not the homeserver's name
+// (a typo, "matrix.example.org" for "example.org", the delegated host)
+// makes every MAS revocation through the proxy name users that have no
+// entries: nothing is dropped, nothing is logged, and the revoked tokens
+// live CACHE_TTL. The proxy sees the real name in every positive whoami
+// answer, yet never compares it with the configured one.
+func TestReview2WrongServerNameSilentlyDisablesMASRevocations(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.ServerName = "matrix.hs" }) // the homeserver is "hs"
+	h.hs.serveMAS()
+	tok := h.hs.login("@alice:hs", "PHONE")
+	h.whoami(tok)
+	h.call(204, "POST", "/_synapse/mas/delete_device", masHeader(), `{"localpart":"alice","device_id":"PHONE"}`)
+	if code, _ := h.whoami(tok); code != 401 {
+		t.Errorf("MAS deleted the device, whoami through the proxy still answers %d", code)
+	}
+}
