@@ -177,3 +177,33 @@ func TestReview2WrongServerNameSilentlyDisablesMASRevocations(t *testing.T) {
 		t.Errorf("MAS deleted the device, whoami through the proxy still answers %d", code)
 	}
 }
+
+// Review 2, finding 5 (low): a 401 that Synapse gave only because of the
+// client's address drops the token's answers at every address. For an
+// appservice fenced by ip_range_whitelist, the answer from outside the
+// whitelist is "unknown token", and the proxy takes it as a passive
+// invalidation of the token: every masquerade variant the bridge holds (up
+// to 100,000, dropped in batches) goes, and the bridge's next requests all
+// go to the homeserver. A token leaked outside the whitelist, which Synapse
+// makes useless there, thus lets its holder empty the bridge's entries with
+// one request per lookup (varying ?user_id= makes each a miss).
+func TestReview2OutsideTheWhitelistDropsTheFencedAppserviceEverywhere(t *testing.T) {
+	h := newHarness(t)
+	h.serveFenced(nil)
+	users := []string{"@fenced_a:hs", "@fenced_b:hs", "@fenced_c:hs"}
+	for _, u := range users {
+		if code, body := h.whoamiFrom(fencedAddr, whoamiV3+"?user_id="+u, "as_fenced"); code != 200 {
+			t.Fatalf("from the whitelist: %d %s", code, body)
+		}
+	}
+	if code, _ := h.whoamiFrom("192.0.2.66", whoamiV3+"?user_id=@fenced_zzz:hs", "as_fenced"); code != 401 {
+		t.Fatalf("outside the whitelist: %d", code)
+	}
+	before := h.hs.whoamiCalls.Load()
+	for _, u := range users {
+		h.whoamiFrom(fencedAddr, whoamiV3+"?user_id="+u, "as_fenced")
+	}
+	if n := h.hs.whoamiCalls.Load() - before; n != 0 {
+		t.Errorf("one request from outside the whitelist dropped %d of the appservice's answers at the whitelisted address", n)
+	}
+}
