@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -206,4 +207,71 @@ func TestReview2OutsideTheWhitelistDropsTheFencedAppserviceEverywhere(t *testing
 	if n := h.hs.whoamiCalls.Load() - before; n != 0 {
 		t.Errorf("one request from outside the whitelist dropped %d of the appservice's answers at the whitelisted address", n)
 	}
+}
+
+// holdBodyBudget makes an ordinary client hold the whole body budget with a
+// body it never finishes (each such request is let go after
+// BodyReadTimeout; a client repeats it).
+func (h *harness) holdBodyBudget(t *testing.T) {
+	t.Helper()
+	staller := h.hs.login("@mallory:hs", "M")
+	h.rawRequest("POST /_matrix/client/v3/delete_devices HTTP/1.1\r\nHost: hs\r\nAuthorization: Bearer "+staller+
+		"\r\nContent-Length: 100\r\n", `{`)
+	eventually(t, "the stalled body holds the budget", func() bool {
+		return !h.p.bodyBudget.TryAcquire(1) || func() bool {
+			h.p.bodyBudget.Release(1)
+			return false
+		}()
+	})
+}
+
+// Review 2, finding 6: an ordinary client that holds the shared body budget
+// (BODY_MEMORY, 16 MiB: 256 bodies of 64 KiB trickled in, each held up to
+// BODY_READ_TIMEOUT and then sent again) turns MAS's routine calls into
+// flushes of every replica's cache, and makes MAS's locks forgotten. A MAS
+// call whose body is forwarded unread names no user, so a success flushes:
+// provision_user, which MAS sends for profile syncs that revoke nothing,
+// empties the cache; with "locked": true the lock is not remembered, and
+// Synapse's warm introspection cache refills the locked user's entry for
+// CACHE_TTL. MAS's calls carry its secret: they could be read whatever the
+// budget (their bodies are small), or have budget of their own.
+// Shown with a budget of 100 bytes.
+func TestReview2HeldBodyBudgetTurnsMASCallsIntoFlushes(t *testing.T) {
+	t.Run("profile sync flushes", func(t *testing.T) {
+		h := newHarness(t, func(c *Config) {
+			c.MASSecret = testMASSecret
+			c.BodyMemory = 100
+			c.BodyReadTimeout = 5 * time.Second
+		})
+		h.hs.serveMAS()
+		bob := h.hs.login("@bob:hs", "BOB")
+		h.whoami(bob)
+		h.holdBodyBudget(t)
+		h.call(200, "POST", "/_synapse/mas/provision_user", masHeader(), `{"localpart":"carol","set_displayname":"Carol"}`)
+		if n := h.counter("matrix_auth_proxy_token_cache_flushes_total", "route", "mas"); n != 0 {
+			t.Errorf("MAS's profile sync flushed the cache %v times while a client held the body budget", n)
+		}
+		h.cachedWithoutLookup(bob)
+	})
+	t.Run("lock forgotten", func(t *testing.T) {
+		h := newHarness(t, func(c *Config) {
+			c.MASSecret = testMASSecret
+			c.BodyMemory = 100
+			c.BodyReadTimeout = 5 * time.Second
+		})
+		h.hs.serveMAS()
+		alice := h.hs.login("@alice:hs", "A")
+		h.whoami(alice)
+		h.holdBodyBudget(t)
+		h.call(200, "POST", "/_synapse/mas/provision_user", masHeader(), `{"localpart":"alice","locked":true}`)
+		if !h.p.mas.locked.has("@alice:hs") {
+			t.Error("MAS locked alice while a client held the body budget: the lock was not remembered")
+		}
+		h.whoami(alice) // Synapse's warm introspection cache: 200
+		before := h.hs.whoamiCalls.Load()
+		h.whoami(alice)
+		if h.hs.whoamiCalls.Load() == before {
+			t.Error("locked alice's whoami was served from the cache")
+		}
+	})
 }
