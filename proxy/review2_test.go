@@ -275,3 +275,24 @@ func TestReview2HeldBodyBudgetTurnsMASCallsIntoFlushes(t *testing.T) {
 		}
 	})
 }
+
+// Review 2, finding 7 (low): a replica that has not yet seen a positive
+// answer (just started, e.g. in a rolling update) does not know the server
+// name, so each MAS revocation it forwards flushes; that flush goes on the
+// bus, and every peer, which knows the name and holds the fleet's entries,
+// empties its cache too. The README says the flush happens "until the name
+// is known (no token looked up yet, so the cache holds no positive
+// answer)", which holds only for the replica itself.
+func TestReview2ReplicaWithoutServerNameFlushesPeers(t *testing.T) {
+	var published []tokencache.Invalidation
+	h := newHarness(t, func(c *Config) {
+		c.Cache.OnInvalidate = func(inv tokencache.Invalidation) { published = append(published, inv) }
+	})
+	h.hs.serveMAS()
+	h.call(204, "POST", "/_synapse/mas/delete_device", masHeader(), `{"localpart":"alice","device_id":"PHONE"}`)
+	for _, inv := range published {
+		if inv.Scope == tokencache.ScopeAll {
+			t.Errorf("a replica that knows no server name published a flush to its peers for one MAS delete_device")
+		}
+	}
+}
