@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -295,4 +296,58 @@ func TestReview2ReplicaWithoutServerNameFlushesPeers(t *testing.T) {
 			t.Errorf("a replica that knows no server name published a flush to its peers for one MAS delete_device")
 		}
 	}
+}
+
+// Review 2, finding 8 (low): a revoking call whose caller's whoami answer
+// is handed on but not stored (Uncacheable) names nobody. With MAS,
+// masReview makes every answer for a user MAS locked such an answer; in
+// MAS mode Synapse ignores its locked flag, so an appservice managing that
+// user's devices (MSC4190: DELETE /devices/{id}?user_id=…) really deletes
+// the device, yet the proxy drops (and tells its peers) only the
+// appservice token's own answers. This replica holds nothing for the
+// locked user, but a peer that has not seen the lock (locks are per
+// replica; without MAS_INTROSPECTION_URL it refills from Synapse's warm
+// cache) keeps the deleted device's answers for CACHE_TTL, although the
+// README lists device deletion as coherent at once on every replica.
+func TestReview2DeviceDeletionForLockedUserNamesNobody(t *testing.T) {
+	var mu sync.Mutex
+	var published []tokencache.Invalidation
+	h := newHarness(t, func(c *Config) {
+		c.ServerName = "hs"
+		c.Cache.OnInvalidate = func(inv tokencache.Invalidation) {
+			mu.Lock()
+			published = append(published, inv)
+			mu.Unlock()
+		}
+	})
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		switch {
+		case strings.HasPrefix(r.URL.Path, "/_synapse/mas/"):
+			writeJSON(w, 200, `{}`)
+		case r.Header.Get("Authorization") != "Bearer as_bridge":
+			return false
+		case strings.HasSuffix(r.URL.Path, "/whoami"):
+			h.hs.whoamiCalls.Add(1)
+			writeJSON(w, 200, fmt.Sprintf(`{"user_id":%q,"is_guest":false}`, r.URL.Query().Get("user_id")))
+		case r.Method == http.MethodDelete && strings.Contains(r.URL.Path, "/devices/"):
+			writeJSON(w, 200, `{}`) // MSC4190: no UIA for appservices; Synapse ignores the lock
+		default:
+			return false
+		}
+		return true
+	})
+	h.call(200, "POST", "/_synapse/mas/provision_user", masHeader(), `{"localpart":"bridge_alice","locked":true}`)
+	mu.Lock()
+	published = nil
+	mu.Unlock()
+	h.call(200, "DELETE", "/_matrix/client/v3/devices/PHONE?user_id=@bridge_alice:hs", bearer("as_bridge"), "")
+	mu.Lock()
+	defer mu.Unlock()
+	for _, inv := range published {
+		if (inv.Scope == tokencache.ScopeDevice && inv.UserID == "@bridge_alice:hs" && inv.DeviceID == "PHONE") ||
+			(inv.Scope == tokencache.ScopeUser && inv.UserID == "@bridge_alice:hs") || inv.Scope == tokencache.ScopeAll {
+			return
+		}
+	}
+	t.Errorf("an appservice deleted @bridge_alice:hs's device PHONE; the proxy published only %+v", published)
 }
