@@ -351,3 +351,40 @@ func TestReview2DeviceDeletionForLockedUserNamesNobody(t *testing.T) {
 	}
 	t.Errorf("an appservice deleted @bridge_alice:hs's device PHONE; the proxy published only %+v", published)
 }
+
+// Review 2, finding 9: an ordinary user's revoking call with a masquerade
+// parameter names only its token. Synapse ignores ?user_id= (and
+// ?device_id=) for a token that is not an appservice's, so
+// POST /logout/all?user_id=@bob:hs ends every session of the caller; the
+// proxy resolves the caller with the same masquerade, gets a 200 for the
+// caller rather than for @bob:hs, which answerFor hands on unstored
+// (Uncacheable), and resolveCaller then treats the caller as unknown: only
+// the calling token's answers go. The user's other sessions, revoked at
+// Synapse, stay cached for CACHE_TTL. The same for /account/deactivate and
+// /account/password.
+func TestReview2IgnoredMasqueradeHidesTheCaller(t *testing.T) {
+	for _, c := range []struct{ name, path, body string }{
+		{"logout/all", "/_matrix/client/v3/logout/all?user_id=@bob:hs", `{}`},
+		{"deactivate", "/_matrix/client/v3/account/deactivate?user_id=@bob:hs", `{}`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := newHarness(t)
+			// Like Synapse (api/auth/internal.py): only an appservice's
+			// token reads user_id; an ordinary token's call is its own.
+			h.hs.setOverride(func(_ http.ResponseWriter, r *http.Request) bool {
+				q := r.URL.Query()
+				q.Del("user_id")
+				r.URL.RawQuery = q.Encode()
+				return false
+			})
+			phone := h.hs.login("@alice:hs", "PHONE")
+			laptop := h.hs.login("@alice:hs", "LAPTOP")
+			h.whoami(phone)
+			h.whoami(laptop)
+			h.call(200, "POST", c.path, bearer(phone), c.body)
+			if code, _ := h.whoami(laptop); code != 401 {
+				t.Errorf("alice's other session after %s: whoami %d from the cache, want 401", c.path, code)
+			}
+		})
+	}
+}
