@@ -67,3 +67,28 @@ func TestE2EReview2DeleteDevicesFlushesPeers(t *testing.T) {
 		t.Errorf("replica B flushed a bystander's entry after one ordinary delete_devices call through A (looked up again: %v)", d)
 	}
 }
+
+// TestE2EReview2IgnoredMasqueradeHidesTheCaller (review 2, finding 9, on the
+// real Synapse): Synapse ignores ?user_id= for an ordinary user's token, so
+// POST /logout/all?user_id=<someone else> logs the caller out everywhere.
+// The proxy resolves the caller with that masquerade, gets the caller's own
+// 200 (not the user asked for), does not take it as the caller, and drops
+// only the calling token: the user's other session stays a cached 200.
+func TestE2EReview2IgnoredMasqueradeHidesTheCaller(t *testing.T) {
+	e2eShort(t)
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+	px := e2eStartProxy(t, syn.URL, map[string]string{"RATE_LIMIT_RPS": "0"})
+	u := syn.Register(t, "r2masq", false)
+	other := syn.Register(t, "r2other", false)
+	a := e2eLogin(t, syn.URL, u, nil)
+	b := e2eLogin(t, syn.URL, u, nil)
+	e2eWantStatus(t, e2eWhoami(t, px.URL, a.Token), http.StatusOK)
+	e2eWantStatus(t, e2eWhoami(t, px.URL, b.Token), http.StatusOK)
+	e2eWant2xx(t, e2eDo(t, nil, http.MethodPost, px.URL+"/_matrix/client/v3/logout/all?user_id="+other.ID, a.Token, map[string]any{}))
+	// Synapse did log every session of u out.
+	e2eWantStatus(t, e2eWhoami(t, syn.URL, b.Token), http.StatusUnauthorized)
+	if r := e2eWhoami(t, px.URL, b.Token); r.Status != http.StatusUnauthorized {
+		t.Errorf("after POST /logout/all?user_id=… through the proxy, another session of the caller: %d %s from the proxy, want 401", r.Status, r.Body)
+	}
+}
