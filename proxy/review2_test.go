@@ -363,9 +363,11 @@ func TestReview2DeviceDeletionForLockedUserNamesNobody(t *testing.T) {
 // Synapse, stay cached for CACHE_TTL. The same for /account/deactivate and
 // /account/password.
 func TestReview2IgnoredMasqueradeHidesTheCaller(t *testing.T) {
-	for _, c := range []struct{ name, path, body string }{
-		{"logout/all", "/_matrix/client/v3/logout/all?user_id=@bob:hs", `{}`},
-		{"deactivate", "/_matrix/client/v3/account/deactivate?user_id=@bob:hs", `{}`},
+	for _, c := range []struct{ name, method, path, body string }{
+		{"logout/all", "POST", "/_matrix/client/v3/logout/all?user_id=@bob:hs", `{}`},
+		{"deactivate", "POST", "/_matrix/client/v3/account/deactivate?user_id=@bob:hs", `{}`},
+		{"delete the other device", "DELETE", "/_matrix/client/v3/devices/LAPTOP?user_id=@bob:hs", `{` + uiaAuth + `}`},
+		{"device_id not the caller's", "POST", "/_matrix/client/v3/logout/all?device_id=NOTMINE", `{}`},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			h := newHarness(t)
@@ -374,6 +376,7 @@ func TestReview2IgnoredMasqueradeHidesTheCaller(t *testing.T) {
 			h.hs.setOverride(func(_ http.ResponseWriter, r *http.Request) bool {
 				q := r.URL.Query()
 				q.Del("user_id")
+				q.Del("device_id")
 				r.URL.RawQuery = q.Encode()
 				return false
 			})
@@ -381,7 +384,7 @@ func TestReview2IgnoredMasqueradeHidesTheCaller(t *testing.T) {
 			laptop := h.hs.login("@alice:hs", "LAPTOP")
 			h.whoami(phone)
 			h.whoami(laptop)
-			h.call(200, "POST", c.path, bearer(phone), c.body)
+			h.call(200, c.method, c.path, bearer(phone), c.body)
 			if code, _ := h.whoami(laptop); code != 401 {
 				t.Errorf("alice's other session after %s: whoami %d from the cache, want 401", c.path, code)
 			}
