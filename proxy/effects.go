@@ -92,6 +92,7 @@ type outcome struct {
 	start          time.Time // when the call was sent: new tokens expire no earlier than start+expires_in_ms
 	newTokenHasher *tokencache.Hasher
 	serverName     string // the homeserver's name, "" while unknown (MAS calls name localparts)
+	fromMAS        bool   // the call carried MAS's shared secret
 }
 
 // decision collects what an effect drops; the proxy applies it.
@@ -188,9 +189,16 @@ func dropCallerDevicesInBody(o *outcome, d *decision) {
 	forCaller(o, d, func() { dropDevicesInBody(o, d, o.user) })
 }
 
+// maxListedDevices is the longest list of devices a call's effect drops
+// one by one; a longer one drops the whole user. Each device is an
+// invalidation on the bus and in the cache's log: a client listing 5,000
+// made-up devices must not overflow the bus (which makes every peer flush)
+// nor fill the log.
+const maxListedDevices = 32
+
 func dropDevicesInBody(o *outcome, d *decision, user string) {
 	devices, ok := parseDeleteDevices(o.body)
-	if !ok || !o.bodyOK {
+	if !ok || !o.bodyOK || len(devices) > maxListedDevices {
 		d.dropUser(user, tokencache.TokenID{}, o.reason)
 		return
 	}

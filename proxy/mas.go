@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
@@ -60,6 +61,11 @@ type mas struct {
 	// positive whoami answer when fixedServer is empty.
 	fixedServer string
 	learned     atomic.Pointer[string]
+	// mismatch is set once a positive answer named a user of another
+	// server than fixedServer: SERVER_NAME is wrong, and MAS's calls
+	// would name users nobody has. The name is then treated as unknown
+	// (a MAS call that succeeds flushes) and an error is logged once.
+	mismatch atomic.Bool
 	// secret is MAS's shared secret, for the rate limiter's exemption;
 	// nil without one. Never a key, never logged.
 	secret       []byte
@@ -95,6 +101,9 @@ func newMAS(cfg Config, reg prometheus.Registerer) (*mas, error) {
 // neither (no positive answer seen yet).
 func (m *mas) serverName() string {
 	if m.fixedServer != "" {
+		if m.mismatch.Load() {
+			return ""
+		}
 		return m.fixedServer
 	}
 	if s := m.learned.Load(); s != nil {
@@ -103,14 +112,23 @@ func (m *mas) serverName() string {
 	return ""
 }
 
-// learn notes the server name of a user ID from a positive answer.
-func (m *mas) learn(userID string) {
-	if m.fixedServer != "" || m.learned.Load() != nil {
-		return
+// learn notes the server name of a user ID from a positive answer. It
+// returns true the first time the answer contradicts SERVER_NAME.
+func (m *mas) learn(userID string) (mismatch bool) {
+	if m.fixedServer != "" {
+		if m.mismatch.Load() {
+			return false
+		}
+		_, server, ok := strings.Cut(userID, ":")
+		return ok && server != m.fixedServer && m.mismatch.CompareAndSwap(false, true)
+	}
+	if m.learned.Load() != nil {
+		return false
 	}
 	if _, server, ok := strings.Cut(userID, ":"); ok && server != "" {
 		m.learned.CompareAndSwap(nil, &server)
 	}
+	return false
 }
 
 // fromMAS reports whether r carries MAS's secret as its bearer token.
@@ -172,7 +190,11 @@ func (p *Proxy) masReview(ctx context.Context, key tokencache.Key, token string,
 		return a
 	}
 	m := p.mas
-	m.learn(a.UserID)
+	if m.learn(a.UserID) {
+		p.log.Error("SERVER_NAME is not the homeserver's name: its users are named otherwise; "+
+			"MAS's calls cannot be attributed, so each one that succeeds flushes the cache until SERVER_NAME is fixed",
+			zap.String("server_name", m.fixedServer))
+	}
 	if m.locked.has(a.UserID) {
 		return uncacheableAnswer(a)
 	}
@@ -266,6 +288,9 @@ func parseMASCall(body []byte) (masCall, bool) {
 // on a success the homeserver confirmed: an unknown outcome is anyone's to
 // cause, and only MAS can make one of these calls succeed.
 func forMASUser(o *outcome, d *decision, r tokencache.Reason, known func(c masCall, user string)) {
+	if !masMayHavePerformed(o) {
+		return
+	}
 	c, ok := parseMASCall(o.body)
 	if !ok || !o.bodyOK || o.serverName == "" {
 		if o.result == performed {
@@ -294,7 +319,10 @@ func masDeleteDevice(o *outcome, d *decision) {
 // the whole user.
 func masSyncDevices(o *outcome, d *decision) {
 	forMASUser(o, d, reasonDevice, func(c masCall, user string) {
-		if !c.hasList {
+		if !c.hasList || len(c.devices) > maxListedDevices {
+			// A long list to keep is logged and shared as a whole
+			// user: the cache's log of recent invalidations holds
+			// what it is given.
 			d.dropUser(user, tokencache.TokenID{}, reasonDevice)
 			return
 		}
@@ -316,6 +344,9 @@ func masDeleteUser(o *outcome, d *decision) {
 // emails) revoke nothing. The lock is kept by localpart, so it holds even
 // before the server name is known.
 func masProvisionUser(o *outcome, d *decision) {
+	if !masMayHavePerformed(o) {
+		return
+	}
 	c, ok := parseMASCall(o.body)
 	ok = ok && o.bodyOK
 	switch {
@@ -332,6 +363,15 @@ func masProvisionUser(o *outcome, d *decision) {
 	forMASUser(o, d, reasonLock, func(_ masCall, user string) {
 		d.dropUser(user, tokencache.TokenID{}, reasonLock)
 	})
+}
+
+// masMayHavePerformed: Synapse performs a MAS call only for MAS's secret,
+// so an unknown outcome (a timeout, a 5xx) counts only for a call that
+// carried it; any client can send the same path with its own token and
+// have it fail. A confirmed success counts whoever sent it (the secret
+// configured here may be stale; Synapse's is the one that decides).
+func masMayHavePerformed(o *outcome) bool {
+	return o.result == performed || o.fromMAS
 }
 
 // masReactivateUser: POST /_synapse/mas/reactivate_user {"localpart"}:

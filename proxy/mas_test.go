@@ -143,6 +143,7 @@ func TestMASEffects(t *testing.T) {
 		bodyOK bool // default true, see below
 		unread bool
 		res    result
+		client bool   // the call did not carry MAS's secret
 		server string // default "hs"
 		noName bool
 		want   []string
@@ -176,10 +177,16 @@ func TestMASEffects(t *testing.T) {
 		{name: "reactivate_user", effect: masReactivateUser, body: `{"localpart":"alice"}`, want: []string{"unlock alice"}},
 		{name: "reactivate_user, unknown outcome", effect: masReactivateUser, body: `{"localpart":"alice"}`, res: unknown, want: nil},
 		{name: "reactivate_user, not JSON", effect: masReactivateUser, body: `x`, want: nil},
+		// Without MAS's secret only a confirmed success counts: any client
+		// can send these paths and have them fail.
+		{name: "delete_device by a client, unknown outcome", effect: masDeleteDevice, body: `{"localpart":"alice","device_id":"PHONE"}`, res: unknown, client: true, want: nil},
+		{name: "delete_device by a client, success", effect: masDeleteDevice, body: `{"localpart":"alice","device_id":"PHONE"}`, client: true, want: []string{dev("@alice:hs", "PHONE")}},
+		{name: "provision_user locked by a client, unknown outcome", effect: masProvisionUser, body: `{"localpart":"alice","locked":true}`, res: unknown, client: true, want: nil},
+		{name: "sync_devices, a long list", effect: masSyncDevices, body: `{"localpart":"alice","devices":["1","2","3","4","5","6","7","8","9","10","11","12","13","14","15","16","17","18","19","20","21","22","23","24","25","26","27","28","29","30","31","32","33"]}`, want: []string{usr("@alice:hs")}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			o := outcome{result: tt.res, body: []byte(tt.body), bodyOK: !tt.unread, serverName: tt.server}
+			o := outcome{result: tt.res, body: []byte(tt.body), bodyOK: !tt.unread, serverName: tt.server, fromMAS: !tt.client}
 			if o.result == refused {
 				o.result = performed
 			}

@@ -39,6 +39,7 @@ type plan struct {
 	needs   needs
 	start   time.Time
 	auth    authState
+	fromMAS bool
 	caller  callerState
 	token   tokencache.TokenID
 	user    string
@@ -60,7 +61,7 @@ type planKey struct{}
 // goes on to its end even if the client hangs up (bounded by RevokeTimeout):
 // the proxy must learn what the homeserver did.
 func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route, c *caller) {
-	pl := &plan{route: rt, start: p.now()}
+	pl := &plan{route: rt, start: p.now(), fromMAS: p.mas.fromMAS(r)}
 	for _, m := range rt.matches {
 		pl.needs |= m.route.needs
 	}
@@ -138,9 +139,18 @@ func (p *Proxy) resolveCaller(w http.ResponseWriter, r *http.Request, c *caller,
 	case tokencache.Positive:
 		pl.user, pl.device, pl.caller = ans.UserID, ans.DeviceID, callerKnown
 	case tokencache.Uncacheable:
-		if rp, ok := ans.Meta.(*replay); ok && rp.status >= 500 {
+		rp, _ := ans.Meta.(*replay)
+		switch {
+		case rp != nil && rp.status >= 500:
 			writeAnswer(w, ans) // the homeserver's own trouble
 			return false
+		case rp != nil && rp.status == http.StatusOK:
+			// A 200 the cache does not keep still names the caller: an
+			// ordinary token with a masquerade Synapse ignored (the
+			// call is then the token's own), or a user MAS locked.
+			if user, device, ok := parseWhoami([]byte(ans.Body)); ok {
+				pl.user, pl.device, pl.caller = user, device, callerKnown
+			}
 		}
 	}
 	// Otherwise an unknown or expired token (Synapse lets a soft-logged-out
@@ -167,11 +177,17 @@ func (p *Proxy) readBody(w http.ResponseWriter, r *http.Request, pl *plan) (rele
 	if r.ContentLength >= 0 {
 		n = r.ContentLength
 	}
-	if !p.bodyBudget.TryAcquire(n) {
+	switch {
+	case pl.fromMAS:
+		// MAS's calls are read whatever clients hold: their bodies are
+		// small, bounded by maxBody, and MAS sends few at once; read
+		// unread, they would name no user and flush.
+	case !p.bodyBudget.TryAcquire(n):
 		p.m.bodiesUnread.Inc()
 		return release, true
+	default:
+		release = func() { p.bodyBudget.Release(n) }
 	}
-	release = func() { p.bodyBudget.Release(n) }
 	rc := http.NewResponseController(w)
 	deadline := rc.SetReadDeadline(time.Now().Add(p.bodyReadTimeout)) == nil
 	body, complete, err := peek(&r.Body, r.ContentLength)
@@ -289,7 +305,8 @@ func (p *Proxy) settle(pl *plan, status int, resp *http.Response) {
 		return
 	}
 	o := outcome{result: res, caller: pl.caller, token: pl.token, user: pl.user, device: pl.device,
-		body: pl.body, bodyOK: pl.bodyOK, start: pl.start, newTokenHasher: p.hasher, serverName: p.mas.serverName()}
+		body: pl.body, bodyOK: pl.bodyOK, start: pl.start, newTokenHasher: p.hasher, serverName: p.mas.serverName(),
+		fromMAS: pl.fromMAS}
 	if pl.needs&needResponse != 0 && res == performed && resp != nil {
 		o.response, o.responseOK = peekResponse(resp)
 	}

@@ -585,10 +585,18 @@ func (c *Cache) InvalidateUser(userID string, spare TokenID, reason Reason) int 
 }
 
 // InvalidateDevicesExcept drops every positive answer for a device of the
-// user that keep does not name; answers without a device stay.
+// user that keep does not name; answers without a device stay. A keep
+// list longer than maxKeep drops the whole user instead: the log of recent
+// invalidations holds what it is given, and must stay small.
 func (c *Cache) InvalidateDevicesExcept(userID string, keep []string, reason Reason) int {
-	return c.invalidate(Invalidation{Scope: ScopeDevicesExcept, UserID: userID, Keep: keep, Reason: reason})
+	if len(keep) > maxKeep {
+		return c.InvalidateUser(userID, TokenID{}, reason)
+	}
+	return c.invalidate(Invalidation{Scope: ScopeDevicesExcept, UserID: userID, Keep: slices.Clone(keep), Reason: reason})
 }
+
+// maxKeep bounds the devices an invalidation spares.
+const maxKeep = 32
 
 // Flush drops every answer: the answer when the caller cannot tell whose
 // entries a revocation concerned.
