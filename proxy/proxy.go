@@ -181,7 +181,10 @@ func (p *Proxy) Cache() *tokencache.Cache { return p.cache }
 // per request: the client's address, its credentials as the homeserver
 // reads them and, if the cache holds one, the answer for them.
 type caller struct {
-	addr   netip.Addr // as clientAddr finds it
+	r       *http.Request
+	trusted []netip.Prefix
+	addr    netip.Addr // as clientAddr finds it, once asked for (see clientAddr)
+	hasAddr bool
 	auth   requestAuth
 	creds  credentials
 	ok     bool // creds are usable for the cache
@@ -193,12 +196,22 @@ type caller struct {
 // identify works out who sends a request and looks its credentials up in
 // the cache, without asking the homeserver.
 func (p *Proxy) identify(r *http.Request, c *caller) {
-	c.addr = clientAddr(r, p.trusted)
+	c.r, c.trusted = r, p.trusted
 	c.auth = readAuth(r)
 	if c.creds, c.ok = c.auth.credentials(); c.ok {
 		c.key = p.hasher.Key(c.creds.token, c.creds.masq)
-		c.answer, c.result = p.cached(c.addr, c.key, c.creds)
+		c.answer, c.result = p.cached(c, c.key, c.creds)
 	}
+}
+
+// clientAddr is the client's address (see the function of that name),
+// worked out on first use: an ordinary user's cache hit without rate
+// limiting needs none.
+func (c *caller) clientAddr() netip.Addr {
+	if !c.hasAddr {
+		c.addr, c.hasAddr = clientAddr(c.r, c.trusted), true
+	}
+	return c.addr
 }
 
 // ServeHTTP routes a client request (see routes.go).
@@ -242,7 +255,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // allow charges a request to its bucket, and answers 429 itself when the
 // bucket is empty: a limited request never reaches the homeserver.
 func (p *Proxy) allow(w http.ResponseWriter, r *http.Request, c *caller) bool {
-	addr := c.addr
+	addr := c.clientAddr()
 	if inAny(addr, p.limiter.exemptCIDRs) || p.mas.fromMAS(r) {
 		return true
 	}

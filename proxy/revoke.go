@@ -61,6 +61,7 @@ type planKey struct{}
 // goes on to its end even if the client hangs up (bounded by RevokeTimeout):
 // the proxy must learn what the homeserver did.
 func (p *Proxy) serveRevoking(w http.ResponseWriter, r *http.Request, rt route, c *caller) {
+	c.auth = c.auth.forwarded(r)
 	pl := &plan{route: rt, start: p.now(), fromMAS: p.mas.fromMAS(r)}
 	for _, m := range rt.matches {
 		pl.needs |= m.route.needs
@@ -125,11 +126,11 @@ func (p *Proxy) resolveCaller(w http.ResponseWriter, r *http.Request, c *caller,
 	key := p.hasher.Key(creds.token, creds.masq)
 	ans, res := c.answer, c.result
 	if !c.ok || c.key != key {
-		ans, res = p.cached(c.addr, key, creds)
+		ans, res = p.cached(c, key, creds)
 	}
 	if res == tokencache.Miss {
 		var err error
-		if ans, res, err = p.resolve(r, c.addr, key, creds); err != nil {
+		if ans, res, err = p.resolve(r, c.clientAddr(), key, creds); err != nil {
 			p.lookupFailed(w, r, err)
 			return false
 		}

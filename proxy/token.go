@@ -55,13 +55,19 @@ func readAuth(r *http.Request) requestAuth {
 	if r.URL.RawQuery != "" {
 		q = synapseQuery(r.URL.RawQuery)
 	}
-	hdr := r.Header["Authorization"]
-	if len(hdr) > 0 && connectionNames(r.Header, "Authorization") {
-		// A hop-by-hop header: the proxy removes it before forwarding,
-		// so the homeserver judges the request without it.
-		hdr = nil
+	return authOf(r.Header["Authorization"], q)
+}
+
+// forwarded is a: the credentials of r as the homeserver will see them
+// once forwarded. An Authorization header that Connection names is
+// hop-by-hop: the proxy removes it before forwarding, so the homeserver
+// judges the request without it. (Whoami, which the proxy answers itself,
+// needs no such care.)
+func (a requestAuth) forwarded(r *http.Request) requestAuth {
+	if len(a.header) > 0 && connectionNames(r.Header, "Authorization") {
+		return authOf(nil, a.query)
 	}
-	return authOf(hdr, q)
+	return a
 }
 
 // connectionNames reports whether the Connection header names field.

@@ -27,7 +27,7 @@ func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request, c *caller) {
 	a, res := c.answer, c.result
 	if res == tokencache.Miss {
 		var err error
-		if a, res, err = p.resolve(r, c.addr, c.key, c.creds); err != nil {
+		if a, res, err = p.resolve(r, c.clientAddr(), c.key, c.creds); err != nil {
 			p.lookupFailed(w, r, err)
 			return
 		}
@@ -42,13 +42,13 @@ func (p *Proxy) serveWhoami(w http.ResponseWriter, r *http.Request, c *caller) {
 // them (see bindsClient) are found under the key bound to the client's
 // address, looked at only when that misses. A masqueraded request's answer
 // is always bound, so only its bound key is looked at.
-func (p *Proxy) cached(addr netip.Addr, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result) {
+func (p *Proxy) cached(who *caller, key tokencache.Key, c credentials) (tokencache.Answer, tokencache.Result) {
 	if c.masq.IsZero() {
 		if a, res := p.cache.Get(key); res != tokencache.Miss {
 			return a, res
 		}
 	}
-	return p.cache.Get(p.hasher.Bind(key, addr))
+	return p.cache.Get(p.hasher.Bind(key, who.clientAddr()))
 }
 
 // resolve gets the answer for a token from the cache or, sharing the call
