@@ -10,6 +10,7 @@ package deploy
 import (
 	"bufio"
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,13 +22,16 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"text/template"
 	"time"
 
 	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	"helm.sh/helm/v4/pkg/action"
 	chartcommon "helm.sh/helm/v4/pkg/chart/common"
+	chartutil "helm.sh/helm/v4/pkg/chart/common/util"
 	chartv2 "helm.sh/helm/v4/pkg/chart/v2"
 	"helm.sh/helm/v4/pkg/chart/v2/loader"
+	"helm.sh/helm/v4/pkg/engine"
 	releasev1 "helm.sh/helm/v4/pkg/release/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -805,4 +809,60 @@ func readFileAbs(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestHelmChartKeepsGeneratedSecrets renders the chart as an upgrade does
+// against a cluster that already holds the chart's Secret (lookup answers
+// with it): the generated TOKEN_HASH_KEY and REDIS_PASSWORD are the ones in
+// the cluster, not new ones; without it (a first install) they are new and
+// random.
+func TestHelmChartKeepsGeneratedSecrets(t *testing.T) {
+	chrt := loadChart(t, chartDir)
+	vals := map[string]any{"upstream": map[string]any{"url": "http://synapse:8008"},
+		"redis": map[string]any{"url": "redis://redis:6379", "password": map[string]any{"generate": true}}}
+	const name = "up-matrix-auth-proxy"
+	existing := map[string]any{
+		"TOKEN_HASH_KEY": base64.StdEncoding.EncodeToString([]byte(strings.Repeat("o", 64))),
+		"REDIS_PASSWORD": base64.StdEncoding.EncodeToString([]byte("the-password-redis-was-set-up-with")),
+	}
+	render := func(inCluster bool) map[string][]byte {
+		t.Helper()
+		rv, err := chartutil.ToRenderValuesWithSchemaValidation(chrt, vals,
+			chartcommon.ReleaseOptions{Name: "up", Namespace: "matrix", Revision: 2, IsUpgrade: true}, chartcommon.DefaultCapabilities, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := engine.Engine{CustomTemplateFuncs: template.FuncMap{
+			"lookup": func(apiVersion, kind, namespace, n string) (map[string]any, error) {
+				if inCluster && apiVersion == "v1" && kind == "Secret" && namespace == "matrix" && n == name {
+					return map[string]any{"data": existing}, nil
+				}
+				return map[string]any{}, nil
+			},
+		}}
+		out, err := e.Render(chrt, rv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var s corev1.Secret
+		if err := yaml.UnmarshalStrict([]byte(out["matrix-auth-proxy/templates/secret.yaml"]), &s); err != nil {
+			t.Fatal(err)
+		}
+		if s.Name != name {
+			t.Fatalf("Secret %q; want %q", s.Name, name)
+		}
+		return s.Data
+	}
+	kept := render(true)
+	for k, v := range existing {
+		if got := base64.StdEncoding.EncodeToString(kept[k]); got != v {
+			t.Errorf("upgrade: %s = %q; want the cluster's %q", k, kept[k], v)
+		}
+	}
+	first, second := render(false), render(false)
+	for k := range existing {
+		if len(first[k]) < minTokenHashKey || bytes.Equal(first[k], second[k]) || bytes.Equal(first[k], kept[k]) {
+			t.Errorf("first install: %s = %q, then %q: want fresh random values", k, first[k], second[k])
+		}
+	}
 }
