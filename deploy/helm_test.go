@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -864,5 +865,66 @@ func TestHelmChartKeepsGeneratedSecrets(t *testing.T) {
 		if len(first[k]) < minTokenHashKey || bytes.Equal(first[k], second[k]) || bytes.Equal(first[k], kept[k]) {
 			t.Errorf("first install: %s = %q, then %q: want fresh random values", k, first[k], second[k])
 		}
+	}
+}
+
+// TestHelmChartScrapedByPrometheusYML: Prometheus without the operator,
+// configured with monitoring/prometheus.yml, keeps the chart's pods: every
+// keep rule of its pod discovery matches what the pod carries.
+func TestHelmChartScrapedByPrometheusYML(t *testing.T) {
+	var cfg struct {
+		ScrapeConfigs []struct {
+			JobName        string `json:"job_name"`
+			RelabelConfigs []struct {
+				SourceLabels []string `json:"source_labels"`
+				Separator    string   `json:"separator"`
+				Regex        string   `json:"regex"`
+				Action       string   `json:"action"`
+			} `json:"relabel_configs"`
+		} `json:"scrape_configs"`
+	}
+	if err := yaml.Unmarshal([]byte(readFile(t, "deploy", "monitoring", "prometheus.yml")), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	o := renderChartCase(t, loadChart(t, chartDir), chartCases(t)[0])
+	pod := o.deployments[0].Spec.Template
+	ctr := pod.Spec.Containers[0]
+	// The discovery labels of the target for the container's metrics port.
+	meta := map[string]string{
+		"__meta_kubernetes_pod_container_name":      ctr.Name,
+		"__meta_kubernetes_pod_container_port_name": "metrics",
+	}
+	sanitize := strings.NewReplacer(".", "_", "/", "_", "-", "_")
+	for k, v := range pod.Annotations {
+		meta["__meta_kubernetes_pod_annotation_"+sanitize.Replace(k)] = v
+	}
+	for k, v := range pod.Labels {
+		meta["__meta_kubernetes_pod_label_"+sanitize.Replace(k)] = v
+	}
+	keeps := 0
+	for _, sc := range cfg.ScrapeConfigs {
+		if sc.JobName != "matrix-auth-proxy" {
+			continue
+		}
+		for _, rc := range sc.RelabelConfigs {
+			if rc.Action != "keep" {
+				continue
+			}
+			keeps++
+			var vals []string
+			for _, l := range rc.SourceLabels {
+				vals = append(vals, meta[l])
+			}
+			sep := rc.Separator
+			if sep == "" {
+				sep = ";"
+			}
+			if re := regexp.MustCompile("^(?:" + rc.Regex + ")$"); !re.MatchString(strings.Join(vals, sep)) {
+				t.Errorf("prometheus.yml keeps %v =~ %q; the chart's pod has %q", rc.SourceLabels, rc.Regex, strings.Join(vals, sep))
+			}
+		}
+	}
+	if keeps == 0 {
+		t.Fatal("prometheus.yml: no keep rules in job matrix-auth-proxy")
 	}
 }
