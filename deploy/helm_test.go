@@ -73,7 +73,6 @@ func helmInstall(t *testing.T, chrt *chartv2.Chart, release, namespace string, v
 		t.Fatal(err)
 	}
 	install.KubeVersion = kv
-	install.Replace = true
 	rel, err := install.Run(chrt, vals)
 	if err != nil {
 		return nil, err
