@@ -52,17 +52,39 @@ type essObjects struct {
 	monitors    []monitoringv1.ServiceMonitor
 }
 
-var essRenders = map[bool]*essObjects{}
+// essVariant is one ESS deployment the wiring is checked against.
+type essVariant struct {
+	name string
+	// workers: Synapse with the workers of ESS's CI worker example (and so
+	// ESS's Redis), the proxy with matrix-auth-proxy-workers-values.yaml.
+	workers bool
+}
 
-// renderESS renders matrix-stack from its complete CI example, with the
-// proxy's values file on top when withProxy.
-func renderESS(t *testing.T, withProxy bool) *essObjects {
+var essVariants = []essVariant{{name: "default"}, {name: "workers", workers: true}}
+
+type essRenderKey struct {
+	variant   essVariant
+	withProxy bool
+}
+
+var essRenders = map[essRenderKey]*essObjects{}
+
+// renderESS renders matrix-stack from its complete CI example (plus the
+// workers of its worker example for that variant), with the proxy's values
+// file on top when withProxy.
+func renderESS(t *testing.T, v essVariant, withProxy bool) *essObjects {
 	t.Helper()
-	if o, ok := essRenders[withProxy]; ok {
+	if o, ok := essRenders[essRenderKey{v, withProxy}]; ok {
 		return o
 	}
 	dir := essChartDir(t)
 	vals := valuesFile(t, dir+"/ci/example-default-enabled-components-values.yaml")
+	if v.workers {
+		workers := valuesFile(t, dir+"/ci/synapse-worker-example-values.yaml")["synapse"].(map[string]any)["workers"].(map[string]any)
+		// The example runs without MAS; with MAS, Synapse does no SSO.
+		delete(workers, "sso-login")
+		vals = mergeValues(vals, map[string]any{"synapse": map[string]any{"workers": workers}})
+	}
 	if withProxy {
 		vals = mergeValues(vals, valuesFile(t, "helm/ess/matrix-stack-values.yaml"))
 	}
@@ -103,7 +125,7 @@ func renderESS(t *testing.T, withProxy bool) *essObjects {
 			t.Fatalf("%s: %v", meta.Kind, err)
 		}
 	}
-	essRenders[withProxy] = o
+	essRenders[essRenderKey{v, withProxy}] = o
 	return o
 }
 
@@ -328,12 +350,15 @@ type essWiring struct {
 	upstream hop
 }
 
-func loadESSWiring(t *testing.T) *essWiring {
+func loadESSWiring(t *testing.T, v essVariant) *essWiring {
 	t.Helper()
-	w := &essWiring{ess: renderESS(t, true)}
+	w := &essWiring{ess: renderESS(t, v, true)}
 	w.haproxy = parseHAProxy(t, w.ess)
-	rel, err := helmInstall(t, loadChart(t, chartDir), proxyRelease, essNamespace,
-		valuesFile(t, "helm/ess/matrix-auth-proxy-values.yaml"), prometheusOperatorAPIs)
+	vals := valuesFile(t, "helm/ess/matrix-auth-proxy-values.yaml")
+	if v.workers {
+		vals = mergeValues(vals, valuesFile(t, "helm/ess/matrix-auth-proxy-workers-values.yaml"))
+	}
+	rel, err := helmInstall(t, loadChart(t, chartDir), proxyRelease, essNamespace, vals, prometheusOperatorAPIs)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -403,7 +428,13 @@ func synapseHost(t *testing.T) string {
 // TestESSWhoamiReachesProxy: a client's whoami goes Ingress → HAProxy →
 // the proxy, and what the proxy asks goes to a Synapse process, not back.
 func TestESSWhoamiReachesProxy(t *testing.T) {
-	w := loadESSWiring(t)
+	for _, v := range essVariants {
+		t.Run(v.name, func(t *testing.T) { testESSWhoami(t, v) })
+	}
+}
+
+func testESSWhoami(t *testing.T, v essVariant) {
+	w := loadESSWiring(t, v)
 	if len(w.haproxy.dupes) > 0 {
 		t.Fatalf("haproxy.cfg declares backends %v more than once: HAProxy would not start", w.haproxy.dupes)
 	}
@@ -422,7 +453,13 @@ func TestESSWhoamiReachesProxy(t *testing.T) {
 // TestESSMASCallsPassThroughProxy: MAS calls Synapse at matrix.endpoint;
 // its /_synapse/mas/ calls reach the proxy, then Synapse.
 func TestESSMASCallsPassThroughProxy(t *testing.T) {
-	w := loadESSWiring(t)
+	for _, v := range essVariants {
+		t.Run(v.name, func(t *testing.T) { testESSMAS(t, v) })
+	}
+}
+
+func testESSMAS(t *testing.T, v essVariant) {
+	w := loadESSWiring(t, v)
 	var mas struct {
 		Matrix struct {
 			Homeserver string `json:"homeserver"`
@@ -507,9 +544,18 @@ func checkEndsAtSynapse(t *testing.T, w *essWiring, what string, hops []hop) {
 
 // TestESSRoutesUnchanged: whatever the proxy forwards ends where ESS sent it
 // without the proxy, and everything else takes exactly the road it took.
+// With workers, the proxy's one upstream (Synapse main) cannot be both the
+// client-reader that served whoami and main that serves /_synapse/mas/:
+// those two end at main, which serves every path; the rest is unchanged.
 func TestESSRoutesUnchanged(t *testing.T) {
-	w := loadESSWiring(t)
-	plain := renderESS(t, false)
+	for _, v := range essVariants {
+		t.Run(v.name, func(t *testing.T) { testESSRoutes(t, v) })
+	}
+}
+
+func testESSRoutes(t *testing.T, v essVariant) {
+	w := loadESSWiring(t, v)
+	plain := renderESS(t, v, false)
 	before := parseHAProxy(t, plain)
 	host := synapseHost(t)
 	for _, r := range []struct{ method, path string }{
@@ -532,8 +578,16 @@ func TestESSRoutesUnchanged(t *testing.T) {
 			if plain.workloadOf(plain.service(want[0].service)) == "Deployment/"+essRelease+"-haproxy" {
 				want = append(want, before.route(t, r.method, r.path))
 			}
-			if got, w := w.ess.normal(hops[len(hops)-1]), plain.normal(want[len(want)-1]); got != w {
-				t.Errorf("ends at %v (hops %v); without the proxy it ended at %v", got, hops, w)
+			got, was := w.ess.normal(hops[len(hops)-1]), plain.normal(want[len(want)-1])
+			main := hop{essRelease + "-synapse-main", "8008"}
+			switch {
+			case v.workers && w.viaProxy(hops):
+				t.Logf("ends at %v (without the proxy: %v)", got, was)
+				if got != main {
+					t.Errorf("ends at %v (hops %v); want Synapse main %v, which serves every path", got, hops, main)
+				}
+			case got != was:
+				t.Errorf("ends at %v (hops %v); without the proxy it ended at %v", got, hops, was)
 			}
 			if !w.viaProxy(hops) && !slices.Equal(hops, want) {
 				t.Errorf("hops %v; without the proxy %v", hops, want)
@@ -550,7 +604,7 @@ func TestESSRoutesUnchanged(t *testing.T) {
 // labels they all share, the same interval; and the NetworkPolicy lets
 // HAProxy reach the client port.
 func TestESSScraped(t *testing.T) {
-	w := loadESSWiring(t)
+	w := loadESSWiring(t, essVariants[0])
 	if len(w.ess.monitors) == 0 {
 		t.Fatal("ESS rendered no ServiceMonitors with the CRD present")
 	}
@@ -584,6 +638,15 @@ func TestESSScraped(t *testing.T) {
 		if ep.Interval != w.ess.monitors[0].Spec.Endpoints[0].Interval {
 			t.Errorf("interval %s; ESS scrapes every %s", ep.Interval, w.ess.monitors[0].Spec.Endpoints[0].Interval)
 		}
+	}
+	// With workers the replicas share invalidations over ESS's Redis.
+	ww := loadESSWiring(t, essVariant{name: "workers", workers: true})
+	if r := ww.proxy.deployments[0].Spec.Replicas; r == nil || *r < 2 {
+		t.Errorf("with workers: %v replicas; want 2 sharing ESS's Redis", r)
+	}
+	redis := serviceOfURL(t, ww.proxyEnv["REDIS_URL"])
+	if svc := ww.ess.service(redis.service); svc == nil || ww.ess.normal(hop{redis.service, "redis"}) != redis {
+		t.Errorf("with workers: REDIS_URL %s is not ESS's Redis Service and port", ww.proxyEnv["REDIS_URL"])
 	}
 	if w.proxyEnv["TRUSTED_PROXIES"] == "" {
 		t.Error("TRUSTED_PROXIES is empty: every request comes from HAProxy, whose X-Forwarded-For the proxy would ignore")

@@ -273,11 +273,14 @@ func chartCases(t *testing.T) []chartCase {
 	if err != nil {
 		t.Fatal(err)
 	}
-	examples = append(examples, filepath.Join("helm", "ess", "matrix-auth-proxy-values.yaml"))
+	essVals := filepath.Join("helm", "ess", "matrix-auth-proxy-values.yaml")
+	examples = append(examples, essVals)
 	for _, f := range examples {
 		cases = append(cases, chartCase{name: f, vals: valuesFile(t, f), apis: prometheusOperatorAPIs})
 	}
-	return cases
+	workers := filepath.Join("helm", "ess", "matrix-auth-proxy-workers-values.yaml")
+	return append(cases, chartCase{name: essVals + "+" + workers, apis: prometheusOperatorAPIs,
+		vals: mergeValues(valuesFile(t, essVals), valuesFile(t, workers))})
 }
 
 var chartRenders = map[string]*chartObjects{}
