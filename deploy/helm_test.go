@@ -680,21 +680,27 @@ func setsJob(rcs []monitoringv1.RelabelConfig) bool {
 	return false
 }
 
-// TestHelmChartLint runs `helm lint --strict` on the chart with a default
-// install's values.
+// TestHelmChartLint runs `helm lint --strict` on the chart with the values of
+// each documented install.
 func TestHelmChartLint(t *testing.T) {
-	lint := action.NewLint()
-	lint.Strict = true
-	lint.Namespace = "matrix"
-	res := lint.Run([]string{chartDir}, map[string]any{
-		"upstream": map[string]any{"url": "http://synapse:8008"},
-		"redis":    map[string]any{"url": "redis://redis:6379"},
-	})
-	for _, m := range res.Messages {
-		t.Log(m.Error())
-	}
-	if action.HasWarningsOrErrors(res) || len(res.Errors) > 0 {
-		t.Errorf("helm lint --strict: %v", res.Errors)
+	for _, c := range chartCases(t) {
+		t.Run(c.name, func(t *testing.T) {
+			lint := action.NewLint()
+			lint.Strict = true
+			lint.Namespace = "matrix"
+			kv, err := chartcommon.ParseKubeVersion(testKubeVersion)
+			if err != nil {
+				t.Fatal(err)
+			}
+			lint.KubeVersion = kv
+			res := lint.Run([]string{chartDir}, c.vals)
+			for _, m := range res.Messages {
+				t.Log(m.Error())
+			}
+			if action.HasWarningsOrErrors(res) || len(res.Errors) > 0 {
+				t.Errorf("helm lint --strict: %v", res.Errors)
+			}
+		})
 	}
 }
 
