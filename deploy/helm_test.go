@@ -376,9 +376,13 @@ func TestHelmChartSetsEverything(t *testing.T) {
 			set[e.Name] = true
 		}
 	}
+	documented := readFileAbs(t, filepath.Join(chartDir, "values.yaml"))
 	for name := range binaryEnv(t) {
 		if !set[name] && name != "MAS_SECRET" {
 			t.Errorf("no documented install sets %s: every setting of the binary must be reachable from values.yaml", name)
+		}
+		if !strings.Contains(documented, name) && name != "MAS_SECRET" {
+			t.Errorf("values.yaml does not document which value sets %s", name)
 		}
 	}
 }
@@ -788,6 +792,13 @@ func TestHelmChartConfigRuns(t *testing.T) {
 			p := startProxy(t, hs.URL, env)
 			if code, body := get(t, p.ClientURL+"/_matrix/client/v3/account/whoami", "good"); code != 200 {
 				t.Errorf("whoami through the proxy: %d %s", code, body)
+			}
+			// The metrics NOTES.txt tells the operator to look at exist.
+			s := scrapeMetrics(t, p.AdminURL+"/metrics")
+			for _, m := range metricName.FindAllString(o.rel.Info.Notes, -1) {
+				if _, ok := s[m]; !ok {
+					t.Errorf("NOTES.txt names %s, which the binary does not export", m)
+				}
 			}
 		})
 	}
