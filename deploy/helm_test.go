@@ -947,3 +947,38 @@ func TestHelmChartScrapedByPrometheusYML(t *testing.T) {
 		t.Fatal("prometheus.yml: no keep rules in job matrix-auth-proxy")
 	}
 }
+
+// TestHelmChartMatchesSidecar: a default install runs the proxy as the
+// kustomize sidecar does: the same probes, resources, security context and
+// shutdown settings (the sidecar's proxy.env), so one set of measurements
+// and one runbook fit both.
+func TestHelmChartMatchesSidecar(t *testing.T) {
+	k := renderOnce(t, "kubernetes/example")
+	side := k.workloads()[0].sidecar(t)
+	sideEnv := proxyEnv(t, k, side)
+	o := renderChartCase(t, loadChart(t, chartDir), chartCases(t)[0])
+	ctr := o.deployments[0].Spec.Template.Spec.Containers[0]
+	env := chartEnv(t, o, ctr)
+	for _, c := range []struct {
+		what        string
+		chart, kust any
+	}{
+		{"startupProbe", ctr.StartupProbe, side.StartupProbe},
+		{"livenessProbe", ctr.LivenessProbe, side.LivenessProbe},
+		{"readinessProbe", ctr.ReadinessProbe, side.ReadinessProbe},
+		{"resources", ctr.Resources, side.Resources},
+		{"securityContext", ctr.SecurityContext, side.SecurityContext},
+		{"ports", ctr.Ports, side.Ports},
+	} {
+		a, _ := json.Marshal(c.chart)
+		b, _ := json.Marshal(c.kust)
+		if !bytes.Equal(a, b) {
+			t.Errorf("%s: chart %s; sidecar %s", c.what, a, b)
+		}
+	}
+	for _, name := range []string{"SHUTDOWN_DELAY", "SHUTDOWN_TIMEOUT", "READINESS_INTERVAL", "LISTEN_ADDR", "ADMIN_ADDR", "CACHE_SIZE", "CACHE_TTL"} {
+		if env[name] != sideEnv[name] {
+			t.Errorf("%s = %q; the sidecar has %q", name, env[name], sideEnv[name])
+		}
+	}
+}
