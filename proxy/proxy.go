@@ -101,6 +101,8 @@ type Proxy struct {
 	trusted []netip.Prefix
 	limiter *limiter // nil: no rate limiting
 	mas     *mas
+	// policies are the forward-auth policies seen (forwardauth.go).
+	policies policyCache
 	// warnedXFF is set once the misconfiguration warning of allow was
 	// logged.
 	warnedXFF atomic.Bool
