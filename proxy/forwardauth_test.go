@@ -141,6 +141,12 @@ func TestForwardAuthDenies(t *testing.T) {
 			}
 		})
 	}
+	// MAS's secret is no user's token: the homeserver is never asked about it.
+	for _, rq := range h.hs.requests() {
+		if strings.Contains(rq.Header.Get("Authorization"), "mas-shared-secret") {
+			t.Errorf("the homeserver was asked about MAS's secret: %s", rq.RequestURI)
+		}
+	}
 }
 
 // TestForwardAuthPolicies: what each policy admits.
