@@ -102,6 +102,13 @@ func readOrigin(r *http.Request) (o origin, ok bool) {
 	return o, false
 }
 
+// mayCarryToken says whether a query may hold access_token as Synapse
+// reads it (its name may be percent-encoded), so that most original URIs
+// are not parsed.
+func mayCarryToken(query string) bool {
+	return strings.Contains(query, paramAccessToken) || strings.IndexByte(query, '%') >= 0
+}
+
 // uriQuery is the query of a request URI, relative or absolute.
 func uriQuery(uri string) string {
 	uri, _, _ = strings.Cut(uri, "#")
@@ -132,10 +139,11 @@ var authResultLabels = [numAuthResults]string{
 // Answers of the forward-auth endpoint other than the policy's refusals
 // (authpolicy.go).
 var (
-	errAuthMissing = matrixError{http.StatusUnauthorized, "M_MISSING_TOKEN", "Missing access token"}
-	errAuthUnknown = matrixError{http.StatusUnauthorized, "M_UNKNOWN_TOKEN", "Invalid access token passed."}
-	errAuthPolicy  = matrixError{http.StatusInternalServerError, "M_UNKNOWN", "The auth URL's policy is not valid; see the proxy's log"}
-	errAuthPath    = matrixError{http.StatusNotFound, "M_UNRECOGNIZED", "Use /auth?{policy} or /envoy/{policy}/"}
+	errAuthMissing   = matrixError{http.StatusUnauthorized, "M_MISSING_TOKEN", "Missing access token"}
+	errAuthUnknown   = matrixError{http.StatusUnauthorized, "M_UNKNOWN_TOKEN", "Invalid access token passed."}
+	errAuthPolicy    = matrixError{http.StatusInternalServerError, "M_UNKNOWN", "The auth URL's policy is not valid; see the proxy's log"}
+	errAuthForbidden = matrixError{http.StatusForbidden, "M_FORBIDDEN", "The homeserver refuses this token"}
+	errAuthPath      = matrixError{http.StatusNotFound, "M_UNRECOGNIZED", "Use /auth?{policy} or /envoy/{policy}/"}
 )
 
 // Identity headers of an allowed answer, for the ingress to copy to the
@@ -184,7 +192,7 @@ func (p *Proxy) serveForwardAuth(w http.ResponseWriter, r *http.Request) {
 		c.auth.state = authInvalid
 	} else {
 		var q url.Values
-		if o.query != "" {
+		if mayCarryToken(o.query) {
 			q = synapseQuery(o.query)
 		}
 		c.auth = authOf(r.Header["Authorization"], q)
@@ -225,16 +233,30 @@ func (p *Proxy) decide(w http.ResponseWriter, r *http.Request, c *caller, pl *au
 		}
 	}
 	p.m.lookupsByResult[res].Inc()
-	switch {
-	case a.Kind == tokencache.Negative:
+	switch a.Kind {
+	case tokencache.Negative:
 		return unauthenticated(w)
-	case a.Kind == tokencache.Uncacheable && a.Meta.(*replay).status == http.StatusUnauthorized:
-		return unauthenticated(w) // soft-logged-out: the token is no good here either
-	case a.Kind != tokencache.Positive:
-		p.upstreamFailed(w, r, upstream.KindOther, fmt.Errorf("whoami answered %d", a.Meta.(*replay).status))
-		return authError
+	case tokencache.Uncacheable:
+		switch st := a.Meta.(*replay).status; st {
+		case http.StatusOK:
+			if _, _, ok := parseWhoami([]byte(a.Body)); ok {
+				// A user MAS locked, or a token MAS calls inactive
+				// (mas.go): about to be revoked.
+				return unauthenticated(w)
+			}
+			p.upstreamFailed(w, r, upstream.KindOther, errors.New("whoami answered 200 without a user"))
+			return authError
+		case http.StatusUnauthorized: // soft-logged-out: no good here either
+			return unauthenticated(w)
+		case http.StatusForbidden:
+			errAuthForbidden.write(w)
+			return authForbidden
+		default:
+			p.upstreamFailed(w, r, upstream.KindOther, fmt.Errorf("whoami answered %d", st))
+			return authError
+		}
 	}
-	guest := isGuest(a.Body)
+	guest := a.Meta.(*replay).guest
 	if why := pl.refusal(a.UserID, guest); why != nil {
 		why.write(w)
 		return authForbidden
@@ -274,15 +296,13 @@ func unauthenticated(w http.ResponseWriter) authResult {
 }
 
 // isGuest reads is_guest from a whoami body (Synapse sends it with every
-// answer; a homeserver that does not has no guests to report).
-func isGuest(body string) bool {
-	if !strings.Contains(body, `"is_guest"`) {
-		return false
-	}
+// answer; a homeserver that does not has no guests to report). It is read
+// once per answer, when the answer is made (answerFor).
+func isGuest(body []byte) bool {
 	var v struct {
 		IsGuest bool `json:"is_guest"`
 	}
-	return json.Unmarshal([]byte(body), &v) == nil && v.IsGuest
+	return json.Unmarshal(body, &v) == nil && v.IsGuest
 }
 
 // adminVerdict is the Meta of a cached admin answer.

@@ -428,3 +428,46 @@ func FuzzForwardAuthRequest(f *testing.F) {
 		}
 	})
 }
+
+// TestForwardAuthUnstoredAnswers: whoami answers the cache does not store
+// are judged by their status: a soft logout is a 401, a refusal a 403, and
+// anything else the homeserver's trouble (502), never a 401.
+func TestForwardAuthUnstoredAnswers(t *testing.T) {
+	for _, tc := range []struct {
+		status      int
+		body        string
+		want        int
+		wantErrcode string
+	}{
+		{401, `{"errcode":"M_UNKNOWN_TOKEN","error":"x","soft_logout":true}`, 401, "M_UNKNOWN_TOKEN"},
+		{403, `{"errcode":"M_FORBIDDEN","error":"x"}`, 403, "M_FORBIDDEN"},
+		{429, `{"errcode":"M_LIMIT_EXCEEDED","error":"x"}`, 502, "M_UNKNOWN"},
+		{200, `{"no_user":true}`, 502, "M_UNKNOWN"},
+	} {
+		h := newHarness(t)
+		tok := h.hs.login("@alice:hs", "PHONE")
+		h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+			writeJSON(w, tc.status, tc.body)
+			return true
+		})
+		rec := h.auth("/auth", bearer(tok))
+		if rec.Code != tc.want || errcodeOf(t, rec.Body.String()) != tc.wantErrcode {
+			t.Errorf("whoami %d %s: got %d %s, want %d", tc.status, tc.body, rec.Code, rec.Body, tc.want)
+		}
+	}
+}
+
+// TestForwardAuthLockedUser: a user MAS locked is refused although the
+// homeserver's whoami still answers for the token.
+func TestForwardAuthLockedUser(t *testing.T) {
+	h := newHarness(t, func(c *Config) { c.ServerName = "hs" })
+	tok := h.hs.login("@alice:hs", "PHONE")
+	h.p.mas.locked.lock("alice")
+	if rec := h.auth("/auth", bearer(tok)); rec.Code != 401 {
+		t.Errorf("locked user: %d %s", rec.Code, rec.Body)
+	}
+	h.p.mas.locked.unlock("alice")
+	if rec := h.auth("/auth", bearer(tok)); rec.Code != 200 {
+		t.Errorf("unlocked user: %d %s", rec.Code, rec.Body)
+	}
+}
