@@ -32,8 +32,8 @@ import (
 // URI they belong to the protected service, and the identity is the
 // token's own. An appservice token thus passes as the appservice's sender.
 //
-// Answers: 200 with X-Matrix-User-ID, X-Matrix-Device-ID (when there is one)
-// and X-Matrix-Is-Guest; 401 with a Matrix error and WWW-Authenticate for a
+// Answers: 200 with X-Matrix-User-ID, X-Matrix-Device-ID (empty when there
+// is none) and X-Matrix-Is-Guest; 401 with a Matrix error and WWW-Authenticate for a
 // missing or unknown token; 403 when the policy refuses a valid token; 429
 // when the client's bucket is empty; 502/504 when the homeserver did not
 // answer, never 401; 500 for an auth URL whose policy is invalid.
@@ -276,9 +276,10 @@ func (p *Proxy) decide(w http.ResponseWriter, r *http.Request, c *caller, pl *au
 	}
 	h := w.Header()
 	h[headerUserID] = []string{a.UserID}
-	if a.DeviceID != "" {
-		h[headerDeviceID] = []string{a.DeviceID}
-	}
+	// Always sent, empty without a device (an appservice's sender): an
+	// ingress that copies only the headers an answer has (Envoy, Caddy)
+	// would otherwise let a client's own X-Matrix-Device-ID through.
+	h[headerDeviceID] = []string{a.DeviceID}
 	if guest {
 		h[headerIsGuest] = isGuestTrue
 	} else {

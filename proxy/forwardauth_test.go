@@ -471,3 +471,27 @@ func TestForwardAuthLockedUser(t *testing.T) {
 		t.Errorf("unlocked user: %d %s", rec.Code, rec.Body)
 	}
 }
+
+// TestForwardAuthDevicelessToken: an appservice's token passes as its
+// sender, with an empty X-Matrix-Device-ID (always present, so no ingress
+// lets a client's own through), and its answer is bound to the client.
+func TestForwardAuthDevicelessToken(t *testing.T) {
+	h := newHarness(t)
+	tok := h.hs.login("@as_bot:hs", "")
+	rec := h.authFrom("192.0.2.1:1", "GET", "/auth", hdrs("Authorization", "Bearer "+tok, "X-Original-URI", "/x?user_id=@alice:hs"))
+	if rec.Code != 200 || rec.Header().Get("X-Matrix-User-ID") != "@as_bot:hs" {
+		t.Fatalf("%d %v", rec.Code, rec.Header())
+	}
+	if v, ok := rec.Header()["X-Matrix-Device-Id"]; !ok || len(v) != 1 || v[0] != "" {
+		t.Errorf("X-Matrix-Device-ID: %q, %v", v, ok)
+	}
+	// The masquerade parameter of the service's URI was not sent.
+	if rq, _ := h.hs.lastRequest("whoami"); strings.Contains(rq.RequestURI, "user_id") {
+		t.Errorf("whoami asked with %s", rq.RequestURI)
+	}
+	calls := h.hs.whoamiCalls.Load()
+	h.authFrom("192.0.2.2:1", "GET", "/auth", bearer(tok))
+	if h.hs.whoamiCalls.Load() != calls+1 {
+		t.Error("a device-less answer was shared with another client address")
+	}
+}
