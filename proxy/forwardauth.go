@@ -67,6 +67,10 @@ type origin struct {
 	method    string // for the log only
 	policy    string // the policy's raw query
 	ambiguous bool   // origin headers disagree
+	// leaked: the auth URL's query is the original request's, so the
+	// ingress let the client choose the policy (Caddy's forward_auth keeps
+	// the original query when its uri has none).
+	leaked bool
 }
 
 // readOrigin finds the original request and the policy of an auth
@@ -90,6 +94,7 @@ func readOrigin(r *http.Request) (o origin, ok bool) {
 				o.query, o.method, found = q, r.Header.Get(row.method), true
 			}
 		}
+		o.leaked = found && o.policy != "" && o.policy == o.query
 		return o, true
 	case strings.HasPrefix(path, envoyPrefix):
 		seg, _, _ := strings.Cut(path[len(envoyPrefix):], "/")
@@ -179,6 +184,12 @@ func (p *Proxy) serveForwardAuth(w http.ResponseWriter, r *http.Request) {
 	o, ok := readOrigin(r)
 	if !ok {
 		errAuthPath.write(w)
+		return
+	}
+	if o.leaked {
+		p.log.Error("forward-auth: the auth URL's query is the original request's, so a client could choose its policy: " +
+			"give the auth URL a query of its own (Caddy: uri /auth?guests=deny, not uri /auth); every request to it is refused")
+		errAuthPolicy.write(w)
 		return
 	}
 	pl, err := p.policies.get(o.policy)

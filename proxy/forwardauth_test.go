@@ -121,6 +121,9 @@ func TestForwardAuthDenies(t *testing.T) {
 		{"bad policy value", "/auth?guests=yes", bearer(alice), 500, "M_UNKNOWN", "error"},
 		{"bad user in policy", "/auth?users=alice", bearer(alice), 500, "M_UNKNOWN", "error"},
 		{"unknown path", "/oauth2/auth", bearer(alice), 404, "M_UNRECOGNIZED", ""},
+		// Caddy's forward_auth with "uri /auth" passes the original query
+		// on: the client would choose the policy.
+		{"original query as the policy", "/auth?guests=allow", hdrs("Authorization", "Bearer "+guest, "X-Forwarded-Uri", "/svc?guests=allow"), 500, "M_UNKNOWN", "error"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := h.counter("matrix_auth_proxy_auth_requests_total", "result", tc.result)
