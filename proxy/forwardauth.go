@@ -286,11 +286,13 @@ func (p *Proxy) decide(w http.ResponseWriter, r *http.Request, c *caller, pl *au
 		}
 	}
 	h := w.Header()
-	h[headerUserID] = []string{a.UserID}
-	// Always sent, empty without a device (an appservice's sender): an
-	// ingress that copies only the headers an answer has (Envoy, Caddy)
-	// would otherwise let a client's own X-Matrix-Device-ID through.
-	h[headerDeviceID] = []string{a.DeviceID}
+	// One allocation for both values. The device is always sent, empty
+	// without one (an appservice's sender): an ingress that copies only
+	// the headers an answer has (Envoy, Caddy) would otherwise let a
+	// client's own X-Matrix-Device-ID through.
+	ids := []string{a.UserID, a.DeviceID}
+	h[headerUserID] = ids[0:1:1]
+	h[headerDeviceID] = ids[1:2:2]
 	if guest {
 		h[headerIsGuest] = isGuestTrue
 	} else {
@@ -337,10 +339,18 @@ var errTokenGone = errors.New("token revoked during the admin check")
 func (p *Proxy) isAdmin(r *http.Request, c *caller, who tokencache.Answer) (bool, error) {
 	key := p.hasher.Aspect(c.key, tokencache.AspectAdmin)
 	bound := p.hasher.Bind(key, c.addr)
+	// A hit is looked up before the lookup's closure is made: made, it
+	// escapes, and would cost an allocation on every request.
+	for _, k := range [...]tokencache.Key{key, bound} {
+		if a, res := p.cache.Get(k); res != tokencache.Miss {
+			return adminOf(a)
+		}
+	}
+	token := c.creds.token // not c: the closure would move every caller to the heap
 	a, _, err := p.cache.ResolveBound(r.Context(), key, bound, func(ctx context.Context) (tokencache.Answer, error) {
 		fwd := http.Header{}
 		p.setForwarded(fwd, r)
-		reply, err := p.lookups.AdminStatus(ctx, c.creds.token, who.UserID, fwd)
+		reply, err := p.lookups.AdminStatus(ctx, token, who.UserID, fwd)
 		if err != nil {
 			return tokencache.Answer{}, err
 		}
@@ -376,6 +386,11 @@ func (p *Proxy) isAdmin(r *http.Request, c *caller, who tokencache.Answer) (bool
 	if err != nil {
 		return false, err
 	}
+	return adminOf(a)
+}
+
+// adminOf reads an admin answer.
+func adminOf(a tokencache.Answer) (bool, error) {
 	if a.Kind != tokencache.Positive {
 		return false, errTokenGone
 	}
