@@ -498,3 +498,30 @@ func TestForwardAuthDevicelessToken(t *testing.T) {
 		t.Error("a device-less answer was shared with another client address")
 	}
 }
+
+// TestForwardAuthAdminChangeThroughTheProxy: setting a user's admin status
+// through the proxy (the admin API's PUT …/users/{u}/admin, or PUT
+// …/v2/users/{u} with "admin") drops the cached admin answer at once.
+func TestForwardAuthAdminChangeThroughTheProxy(t *testing.T) {
+	for _, tc := range []struct{ path, body string }{
+		{"/_synapse/admin/v1/users/@root:hs/admin", `{"admin":false}`},
+		{"/_synapse/admin/v2/users/@root:hs", `{"admin":false}`},
+	} {
+		h := newHarness(t)
+		root := h.hs.login("@root:hs", "ADM")
+		op := h.hs.login("@op:hs", "OPS")
+		h.hs.admins["@root:hs"], h.hs.admins["@op:hs"] = true, true
+		if rec := h.auth("/auth?admin=true", bearer(root)); rec.Code != 200 {
+			t.Fatalf("admin: %d", rec.Code)
+		}
+		h.hs.mu.Lock()
+		h.hs.admins["@root:hs"] = false // what the call below does on Synapse
+		h.hs.mu.Unlock()
+		if resp, _ := h.do("PUT", tc.path, bearer(op), tc.body); resp.StatusCode != 200 {
+			t.Fatalf("%s: %d", tc.path, resp.StatusCode)
+		}
+		if rec := h.auth("/auth?admin=true", bearer(root)); rec.Code != 403 {
+			t.Errorf("after %s %s: %d, want 403 at once", tc.path, tc.body, rec.Code)
+		}
+	}
+}

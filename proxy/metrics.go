@@ -126,7 +126,7 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 		m.upstreamErrByKind[k] = m.upstreamErrors.WithLabelValues(k)
 	}
 	for _, r := range []tokencache.Reason{reasonLogout, reasonLogoutAll, reasonDevice, reasonPassword,
-		reasonDeactivate, reasonLogin, reasonLock, reasonSSOLogout, reasonUnknownToken, tokencache.ReasonCapacity, tokencache.ReasonExpired,
+		reasonDeactivate, reasonLogin, reasonLock, reasonSSOLogout, reasonAdmin, reasonUnknownToken, tokencache.ReasonCapacity, tokencache.ReasonExpired,
 		tokencache.ReasonBus, tokencache.ReasonBusResync} {
 		m.invalidations.WithLabelValues(string(r))
 	}
