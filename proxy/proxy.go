@@ -2,6 +2,8 @@
 // GET /account/whoami from the token cache, forwards everything else to the
 // homeserver with an httputil.ReverseProxy, drops cache entries when a
 // forwarded call revoked tokens, and counts it all in Prometheus metrics.
+// ForwardAuth (forwardauth.go) answers ingresses' forward-auth requests for
+// other services from the same cache.
 //
 // routes.go is the one table of which routes are answered, which revoke what
 // and what passes through. The package does not decide what "recently
