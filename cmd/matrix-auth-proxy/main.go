@@ -225,7 +225,9 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 			Handler:           p.ForwardAuth(),
 			ReadHeaderTimeout: 10 * time.Second,
 			IdleTimeout:       2 * time.Minute,
-			ErrorLog:          zap.NewStdLog(log.Named("auth")),
+			// "OPTIONS *" is no auth request: not net/http's 200 either.
+			DisableGeneralOptionsHandler: true,
+			ErrorLog:                     zap.NewStdLog(log.Named("auth")),
 		}
 		servers = append(servers, struct {
 			srv *http.Server

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -376,6 +377,15 @@ func TestRunServesForwardAuthOnItsOwnListener(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != 404 || resp.Header.Get("X-Matrix-User-ID") != "" || !sawAuth.Load() {
 		t.Errorf("LISTEN_ADDR /auth: %d %v (forwarded: %v)", resp.StatusCode, resp.Header, sawAuth.Load())
+	}
+	// "OPTIONS *" is not answered 200 by net/http on the auth listener.
+	if conn, err := net.Dial("tcp", auth); err == nil {
+		_, _ = io.WriteString(conn, "OPTIONS * HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer syt_x\r\nConnection: close\r\n\r\n")
+		line, _ := bufio.NewReader(conn).ReadString('\n')
+		conn.Close()
+		if !strings.HasPrefix(line, "HTTP/1.1 404") {
+			t.Errorf("OPTIONS * on AUTH_ADDR: %q", line)
+		}
 	}
 	if c, body := get("http://" + admin + "/metrics"); c != 200 || !strings.Contains(body, `matrix_auth_proxy_auth_requests_total{result="allowed"} 1`) {
 		t.Errorf("/metrics: %d, no allowed auth request counted", c)
