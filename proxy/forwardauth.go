@@ -187,15 +187,13 @@ func (p *Proxy) serveForwardAuth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if o.leaked {
-		p.log.Error("forward-auth: the auth URL's query is the original request's, so a client could choose its policy: " +
-			"give the auth URL a query of its own (Caddy: uri /auth?guests=deny, not uri /auth); every request to it is refused")
-		errAuthPolicy.write(w)
+		p.misconfigured(w, errors.New("the auth URL's query is the original request's, so a client could choose its policy: "+
+			"give the auth URL a query of its own (Caddy: uri /auth?guests=deny, not uri /auth)"))
 		return
 	}
 	pl, err := p.policies.get(o.policy)
 	if err != nil {
-		p.log.Error("forward-auth: the auth URL's policy is not valid; every request to it is refused", zap.Error(err))
-		errAuthPolicy.write(w)
+		p.misconfigured(w, err)
 		return
 	}
 	c.addr = clientAddr(r, p.trusted)
@@ -222,6 +220,20 @@ func (p *Proxy) serveForwardAuth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res = p.decide(w, r, &c, pl)
+}
+
+// misconfigured refuses a request to an auth URL that is configured wrong,
+// and says so in the log: at error level the first time, then at debug
+// level (every request to it would otherwise log a line).
+func (p *Proxy) misconfigured(w http.ResponseWriter, err error) {
+	lvl := zap.DebugLevel
+	if p.warnedPolicy.CompareAndSwap(false, true) {
+		lvl = zap.ErrorLevel
+	}
+	if ce := p.log.Check(lvl, "forward-auth: the auth URL is not valid; every request to it is refused"); ce != nil {
+		ce.Write(zap.Error(err))
+	}
+	errAuthPolicy.write(w)
 }
 
 // decide answers an auth request whose credentials and cached answer are

@@ -108,6 +108,9 @@ type Proxy struct {
 	// warnedXFF is set once the misconfiguration warning of allow was
 	// logged.
 	warnedXFF atomic.Bool
+	// warnedPolicy is set once an invalid forward-auth URL was logged at
+	// error level.
+	warnedPolicy atomic.Bool
 
 	revokeTimeout   time.Duration
 	bodyReadTimeout time.Duration
