@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/zap/zapcore"
 )
 
 // authFrom sends an auth request straight to the forward-auth handler as if
@@ -523,5 +525,19 @@ func TestForwardAuthAdminChangeThroughTheProxy(t *testing.T) {
 		if rec := h.auth("/auth?admin=true", bearer(root)); rec.Code != 403 {
 			t.Errorf("after %s %s: %d, want 403 at once", tc.path, tc.body, rec.Code)
 		}
+	}
+}
+
+// TestForwardAuthMisconfigurationLoggedOnce: every request to an invalid
+// auth URL is refused, but only the first is an error line.
+func TestForwardAuthMisconfigurationLoggedOnce(t *testing.T) {
+	h := newHarness(t)
+	for range 3 {
+		if rec := h.auth("/auth?admins=true", nil); rec.Code != 500 {
+			t.Fatalf("%d", rec.Code)
+		}
+	}
+	if n := h.logs.FilterLevelExact(zapcore.ErrorLevel).Len(); n != 1 {
+		t.Errorf("%d error lines, want 1", n)
 	}
 }
