@@ -68,6 +68,7 @@ func TestForwardAuthProtocols(t *testing.T) {
 		{"Caddy forward_auth, access_token", "GET", "/auth", hdrs("X-Forwarded-Method", "GET", "X-Forwarded-Uri", "/media?access_token="+tok)},
 		{"Envoy ext_authz, header", "DELETE", "/envoy/-/api/things/1", hdrs("Authorization", "Bearer "+tok)},
 		{"Envoy ext_authz, access_token, policy", "GET", "/envoy/users=@alice:hs/api?access_token=" + tok, nil},
+		{"Envoy ext_authz, encoded policy", "POST", "/envoy/users=%40alice%3Ahs&guests=deny/api", hdrs("Authorization", "Bearer "+tok)},
 		{"no original URI: the header alone", "GET", "/auth", hdrs("Authorization", "Bearer "+tok)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -115,6 +116,7 @@ func TestForwardAuthDenies(t *testing.T) {
 		{"MAS's secret", "/auth", bearer("mas-shared-secret-0123456789"), 401, "M_UNKNOWN_TOKEN", "unauthenticated"},
 		{"guest, default policy", "/auth", bearer(guest), 403, "M_FORBIDDEN", "forbidden"},
 		{"guest, guests=deny", "/auth?guests=deny", bearer(guest), 403, "M_FORBIDDEN", "forbidden"},
+		{"guest, Envoy, the original query naming a policy", "/envoy/-/x?guests=allow", bearer(guest), 403, "M_FORBIDDEN", "forbidden"},
 		{"user not listed", "/auth?users=@carol:hs,@dave:hs", bearer(alice), 403, "M_FORBIDDEN", "forbidden"},
 		{"server not listed", "/auth?users=@*:hs", bearer(bob), 403, "M_FORBIDDEN", "forbidden"},
 		{"not an admin", "/auth?admin=true", bearer(alice), 403, "M_FORBIDDEN", "forbidden"},
