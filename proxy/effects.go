@@ -9,14 +9,17 @@ import (
 
 // Reasons for invalidation, the values of the reason label.
 const (
-	reasonLogout       tokencache.Reason = "logout"
-	reasonLogoutAll    tokencache.Reason = "logout_all"
-	reasonDevice       tokencache.Reason = "device"
-	reasonPassword     tokencache.Reason = "password"
-	reasonDeactivate   tokencache.Reason = "deactivate"
-	reasonLogin        tokencache.Reason = "login"
-	reasonLock         tokencache.Reason = "lock"
-	reasonSSOLogout    tokencache.Reason = "sso_logout"
+	reasonLogout     tokencache.Reason = "logout"
+	reasonLogoutAll  tokencache.Reason = "logout_all"
+	reasonDevice     tokencache.Reason = "device"
+	reasonPassword   tokencache.Reason = "password"
+	reasonDeactivate tokencache.Reason = "deactivate"
+	reasonLogin      tokencache.Reason = "login"
+	reasonLock       tokencache.Reason = "lock"
+	reasonSSOLogout  tokencache.Reason = "sso_logout"
+	// reasonAdmin: a user's admin status was set, which the forward-auth
+	// endpoint's admin=true policy caches beside the whoami answers.
+	reasonAdmin        tokencache.Reason = "admin"
 	reasonUnknownToken                   = tokencache.ReasonUnknownToken
 )
 
@@ -249,6 +252,12 @@ func dropPathUserIfUpdateRevokes(o *outcome, d *decision) {
 	}
 }
 
+// dropPathUserAdminChange: PUT /_synapse/admin/v1/users/{userId}/admin set
+// the user's admin status, which forward-auth's admin=true caches.
+func dropPathUserAdminChange(o *outcome, d *decision) {
+	d.dropUser(o.params[0], tokencache.TokenID{}, reasonAdmin)
+}
+
 // dropPathUserIfLocked: PUT …/admin/lock/{userId} {"locked": true}.
 func dropPathUserIfLocked(o *outcome, d *decision) {
 	if locked, ok := parseLocked(o.body); locked || !ok || !o.bodyOK {
@@ -358,6 +367,10 @@ func parseAdminUserUpdate(body []byte) (tokencache.Reason, bool) {
 		if logout, ok := parseLogoutDevices(body); logout || !ok {
 			return reasonPassword, true
 		}
+	}
+	if _, has := m["admin"]; has {
+		// Forward-auth's admin=true caches admin status per token.
+		return reasonAdmin, true
 	}
 	return "", false
 }

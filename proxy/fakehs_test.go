@@ -37,6 +37,10 @@ type fakeHS struct {
 	expiresInMS int64
 
 	whoamiCalls atomic.Int64
+	adminCalls  atomic.Int64
+	// guests and admins are users whose whoami says is_guest, and whom the
+	// Synapse admin API admits.
+	guests, admins map[string]bool
 	// whoamiGate, when set, holds every whoami until it is closed or sent on.
 	whoamiGate chan struct{}
 	// override, when set, answers requests first; it returns false to let
@@ -62,7 +66,7 @@ const hsPassword = "correct horse"
 
 func newFakeHS(t testing.TB) *fakeHS {
 	t.Helper()
-	hs := &fakeHS{t: t, sessions: map[string]session{}}
+	hs := &fakeHS{t: t, sessions: map[string]session{}, guests: map[string]bool{}, admins: map[string]bool{}}
 	hs.srv = httptest.NewServer(http.HandlerFunc(hs.serve))
 	t.Cleanup(hs.srv.Close)
 	return hs
@@ -187,7 +191,20 @@ func (hs *fakeHS) serve(w http.ResponseWriter, r *http.Request) {
 		if s.device != "" {
 			dev = fmt.Sprintf(`,"device_id":%q`, s.device)
 		}
-		writeJSON(w, 200, fmt.Sprintf(`{"user_id":%q,"is_guest":false%s}`, s.user, dev))
+		hs.mu.Lock()
+		guest := hs.guests[s.user]
+		hs.mu.Unlock()
+		writeJSON(w, 200, fmt.Sprintf(`{"user_id":%q,"is_guest":%t%s}`, s.user, guest, dev))
+	case r.Method == http.MethodGet && strings.HasPrefix(path, "/_synapse/admin/v1/users/") && strings.HasSuffix(path, "/admin"):
+		hs.adminCalls.Add(1)
+		hs.mu.Lock()
+		isAdmin, named := hs.admins[s.user], hs.admins[r.URL.Path[len("/_synapse/admin/v1/users/"):len(r.URL.Path)-len("/admin")]]
+		hs.mu.Unlock()
+		if !isAdmin {
+			writeJSON(w, 403, `{"errcode":"M_FORBIDDEN","error":"You are not a server admin"}`)
+			return
+		}
+		writeJSON(w, 200, fmt.Sprintf(`{"admin":%t}`, named))
 	case strings.HasSuffix(path, "/logout/all"):
 		hs.revoke(func(_ string, o session) bool { return o.user == s.user })
 		writeJSON(w, 200, `{}`)

@@ -140,6 +140,11 @@ func (m *mas) fromMAS(r *http.Request) bool {
 	return len(h) == 1 && subtle.ConstantTimeCompare([]byte(h[0]), m.secret) == 1
 }
 
+// isSecret reports whether token is MAS's secret.
+func (m *mas) isSecret(token string) bool {
+	return m.secret != nil && subtle.ConstantTimeCompare([]byte("Bearer "+token), m.secret) == 1
+}
+
 // lockedUsers is the bounded set of localparts MAS locked.
 type lockedUsers struct {
 	mu  sync.Mutex

@@ -25,6 +25,7 @@ type metrics struct {
 	rateLimited       [2]prometheus.Counter // by limitedByUser, limitedByIP
 	flushes           [numRoutes]prometheus.Counter
 	bodiesUnread      prometheus.Counter
+	authRequests      [numAuthResults]prometheus.Counter
 	codeLabels        [600]string // "100" … "599", so labelling allocates nothing
 	// byCode caches the requests_total child of each route and status, so
 	// a request costs an atomic load instead of a label lookup. Filled on
@@ -91,7 +92,14 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 		Namespace: namespace, Name: "revoking_bodies_unread_total",
 		Help: "Revoking calls forwarded without reading their body because the memory bound for bodies being read was reached; each invalidated the caller's whole user.",
 	})
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.lookups, m.invalidations, m.upstreamWhoami, m.upstreamErrors, limited, entries, flushes, m.bodiesUnread} {
+	auth := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "auth_requests_total",
+		Help: "Forward-auth requests (AUTH_ADDR), by result: allowed, unauthenticated (401), forbidden (403, the policy refused a valid token), error (the homeserver did not answer, or an invalid policy), rate_limited (429).",
+	}, []string{"result"})
+	for r := range numAuthResults {
+		m.authRequests[r] = auth.WithLabelValues(authResultLabels[r])
+	}
+	for _, c := range []prometheus.Collector{auth, m.requests, m.duration, m.lookups, m.invalidations, m.upstreamWhoami, m.upstreamErrors, limited, entries, flushes, m.bodiesUnread} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -118,7 +126,7 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int) (*metrics, error
 		m.upstreamErrByKind[k] = m.upstreamErrors.WithLabelValues(k)
 	}
 	for _, r := range []tokencache.Reason{reasonLogout, reasonLogoutAll, reasonDevice, reasonPassword,
-		reasonDeactivate, reasonLogin, reasonLock, reasonSSOLogout, reasonUnknownToken, tokencache.ReasonCapacity, tokencache.ReasonExpired,
+		reasonDeactivate, reasonLogin, reasonLock, reasonSSOLogout, reasonAdmin, reasonUnknownToken, tokencache.ReasonCapacity, tokencache.ReasonExpired,
 		tokencache.ReasonBus, tokencache.ReasonBusResync} {
 		m.invalidations.WithLabelValues(string(r))
 	}

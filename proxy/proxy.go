@@ -2,6 +2,8 @@
 // GET /account/whoami from the token cache, forwards everything else to the
 // homeserver with an httputil.ReverseProxy, drops cache entries when a
 // forwarded call revoked tokens, and counts it all in Prometheus metrics.
+// ForwardAuth (forwardauth.go) answers ingresses' forward-auth requests for
+// other services from the same cache.
 //
 // routes.go is the one table of which routes are answered, which revoke what
 // and what passes through. The package does not decide what "recently
@@ -101,9 +103,14 @@ type Proxy struct {
 	trusted []netip.Prefix
 	limiter *limiter // nil: no rate limiting
 	mas     *mas
+	// policies are the forward-auth policies seen (forwardauth.go).
+	policies policyCache
 	// warnedXFF is set once the misconfiguration warning of allow was
 	// logged.
 	warnedXFF atomic.Bool
+	// warnedPolicy is set once an invalid forward-auth URL was logged at
+	// error level.
+	warnedPolicy atomic.Bool
 
 	revokeTimeout   time.Duration
 	bodyReadTimeout time.Duration
@@ -185,12 +192,12 @@ type caller struct {
 	trusted []netip.Prefix
 	addr    netip.Addr // as clientAddr finds it, once asked for (see clientAddr)
 	hasAddr bool
-	auth   requestAuth
-	creds  credentials
-	ok     bool // creds are usable for the cache
-	key    tokencache.Key
-	answer tokencache.Answer
-	result tokencache.Result
+	auth    requestAuth
+	creds   credentials
+	ok      bool // creds are usable for the cache
+	key     tokencache.Key
+	answer  tokencache.Answer
+	result  tokencache.Result
 }
 
 // identify works out who sends a request and looks its credentials up in

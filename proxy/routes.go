@@ -149,6 +149,8 @@ var revokingRoutes = []*revokingRoute{
 	{method: "POST", api: apiSynapseAdmin, path: "deactivate/*", name: routeDeactivate, effect: dropPathUser},
 	{method: "POST", api: apiSynapseAdmin, path: "reset_password/*", name: routePassword, needs: needBody, effect: dropPathUserOnPasswordReset},
 	{method: "PUT", api: apiSynapseAdmin, path: "users/*", name: routeOther, needs: needBody, effect: dropPathUserIfUpdateRevokes},
+	// Setting admin status changes what forward-auth's admin=true answers.
+	{method: "PUT", api: apiSynapseAdmin, path: "users/*/admin", name: routeOther, effect: dropPathUserAdminChange},
 
 	// Synapse's own client endpoints. OIDC back-channel logout ends the
 	// sessions of an upstream identity, which only the homeserver can map

@@ -109,7 +109,7 @@ func (p *Proxy) answerFor(reply *upstream.Reply, m tokencache.Masquerade) (token
 	case http.StatusOK:
 		if user, device, ok := parseWhoami(reply.Body); ok && masqueradeHeld(m, user, device) {
 			return tokencache.Answer{Kind: tokencache.Positive, UserID: user, DeviceID: device,
-				Body: body, Meta: p.replays.intern(reply.Status, reply.Header),
+				Body: body, Meta: p.replays.intern(reply.Status, reply.Header, isGuest(reply.Body)),
 				Bound: bindsClient(tokencache.Positive, device, m)}, false
 		}
 	case http.StatusUnauthorized:
@@ -118,7 +118,7 @@ func (p *Proxy) answerFor(reply *upstream.Reply, m tokencache.Masquerade) (token
 				return uncacheable(reply, body), true
 			}
 			return tokencache.Answer{Kind: tokencache.Negative, Body: body,
-				Meta: p.replays.intern(reply.Status, reply.Header), Bound: bindsClient(tokencache.Negative, "", m)}, true
+				Meta: p.replays.intern(reply.Status, reply.Header, false), Bound: bindsClient(tokencache.Negative, "", m)}, true
 		}
 	}
 	return uncacheable(reply, body), false
@@ -187,6 +187,8 @@ func parseError(body []byte) (errcode string, softLogout, ok bool) {
 type replay struct {
 	status int
 	header http.Header // values are clipped: an append elsewhere copies
+	// guest: the whoami answer says is_guest (read once, for forward-auth).
+	guest bool
 }
 
 func writeAnswer(w http.ResponseWriter, a tokencache.Answer) {
@@ -218,7 +220,7 @@ type replayInterner struct {
 // per answer; past it, replays are simply not shared.
 const maxReplays = 256
 
-func (in *replayInterner) intern(status int, src http.Header) *replay {
+func (in *replayInterner) intern(status int, src http.Header, guest bool) *replay {
 	h := http.Header{}
 	for k, v := range src {
 		if replayedHeader(k) {
@@ -228,6 +230,9 @@ func (in *replayInterner) intern(status int, src http.Header) *replay {
 	setCORS(h)
 	var id strings.Builder
 	id.WriteString(strconv.Itoa(status))
+	if guest {
+		id.WriteString(" guest")
+	}
 	for _, k := range slices.Sorted(maps.Keys(h)) {
 		for _, v := range h[k] {
 			id.WriteString("\n" + k + ": " + v)
@@ -238,7 +243,7 @@ func (in *replayInterner) intern(status int, src http.Header) *replay {
 	if rp, ok := in.m[id.String()]; ok {
 		return rp
 	}
-	rp := &replay{status: status, header: h}
+	rp := &replay{status: status, header: h, guest: guest}
 	if in.m == nil {
 		in.m = map[string]*replay{}
 	}

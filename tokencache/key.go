@@ -78,6 +78,7 @@ func NewHasher(key []byte) (*Hasher, error) {
 const (
 	tagToken   = 't'
 	tagVariant = 'm'
+	tagAspect  = 'a'
 )
 
 // Token returns the ID of a token.
@@ -124,4 +125,34 @@ func (s *hashState) writeField(tag byte, v string) {
 		n = copy(s.buf[:], v)
 		s.mac.Write(s.buf[:n])
 	}
+}
+
+// Aspect is a fact about a token other than who it belongs to, cached beside
+// the whoami answer (the forward-auth endpoint's "is this user a homeserver
+// admin", for one).
+type Aspect byte
+
+// AspectAdmin is whether the token's user is a homeserver admin.
+const AspectAdmin Aspect = 1
+
+// Aspect returns the key under which fact a about key's token is stored. Its
+// Token is key's, so invalidating the token drops it too (it is indexed as
+// a variant); its Variant is a keyed hash of key's Variant and a, never zero
+// and never key's, so no masquerade of the token can name it.
+func (h *Hasher) Aspect(key Key, a Aspect) Key {
+	s := h.pool.Get().(*hashState)
+	s.mac.Reset()
+	s.buf[0] = tagAspect
+	binary.BigEndian.PutUint64(s.buf[1:9], key.Variant)
+	s.buf[9] = byte(a)
+	s.mac.Write(s.buf[:10])
+	v := binary.BigEndian.Uint64(s.mac.Sum(s.sum[:0]))
+	h.pool.Put(s)
+	if v == 0 || v == key.Variant {
+		v = ^key.Variant
+		if v == 0 {
+			v = 1
+		}
+	}
+	return Key{Token: key.Token, Variant: v}
 }

@@ -57,3 +57,38 @@ func TestHasherDoesNotAllocate(t *testing.T) {
 		t.Errorf("Key allocates %v times per call", n)
 	}
 }
+
+// TestAspectKeys: an aspect key is apart from the token's plain key, its
+// masquerades and its bound keys, and goes with the token, its user and its
+// device when those are invalidated.
+func TestAspectKeys(t *testing.T) {
+	f := newFixture(t, nil)
+	plain := f.h.Key("tok", Masquerade{})
+	admin := f.h.Aspect(plain, AspectAdmin)
+	if admin.Token != plain.Token || admin == plain || admin.Variant == 0 {
+		t.Fatalf("aspect key %v of %v", admin, plain)
+	}
+	if admin == f.h.Aspect(f.h.Key("tok2", Masquerade{}), AspectAdmin) || admin != f.h.Aspect(plain, AspectAdmin) {
+		t.Error("aspect keys are not per token, or not stable")
+	}
+	if admin == f.h.Key("tok", Masquerade{UserID: "\x00"}) {
+		t.Error("a masquerade names the aspect key")
+	}
+	for _, tc := range []struct {
+		name       string
+		invalidate func() int
+	}{
+		{"token", func() int { return f.c.InvalidateToken(plain.Token, "test") }},
+		{"user", func() int { return f.c.InvalidateUser("@a:hs", TokenID{}, "test") }},
+		{"device", func() int { return f.c.InvalidateDevice("@a:hs", "D", "test") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f.fill(t, plain, positive("@a:hs", "D"))
+			f.fill(t, admin, positive("@a:hs", "D"))
+			if n := tc.invalidate(); n != 2 {
+				t.Errorf("dropped %d entries, want 2", n)
+			}
+			f.expect(t, admin, Miss)
+		})
+	}
+}

@@ -85,6 +85,27 @@ func (c *Client) Whoami(ctx context.Context, wr WhoamiRequest) (*Reply, error) {
 	return c.do(req)
 }
 
+// AdminStatus asks whether a token's own user is a homeserver admin, with
+// that token (GET /_synapse/admin/v1/users/{userID}/admin): Synapse answers
+// 200 {"admin": true} only to an admin, 403 to everyone else, so no admin
+// token is needed. forward is as WhoamiRequest.Forward. Any HTTP answer is a
+// Reply, not an error.
+func (c *Client) AdminStatus(ctx context.Context, token, userID string, forward http.Header) (*Reply, error) {
+	u := c.url("")
+	esc := u.EscapedPath() + "/_synapse/admin/v1/users/" + url.PathEscape(userID) + "/admin"
+	u.Path += "/_synapse/admin/v1/users/" + userID + "/admin"
+	u.RawPath = esc
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range forward {
+		req.Header[k] = v
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	return c.do(req)
+}
+
 // Versions asks for /_matrix/client/versions, which every homeserver serves
 // without authentication; an error means it did not answer 200.
 func (c *Client) Versions(ctx context.Context) error {

@@ -164,3 +164,28 @@ func TestProbe(t *testing.T) {
 	cancel()
 	<-done
 }
+
+func TestAdminStatusRequest(t *testing.T) {
+	for _, tc := range []struct{ user, wantRaw string }{
+		{"@a:hs", "/prefix/_synapse/admin/v1/users/@a:hs/admin"},
+		// A historical user ID with a slash stays one path segment.
+		{"@a/b:hs", "/prefix/_synapse/admin/v1/users/@a%2Fb:hs/admin"},
+	} {
+		var gotURI string
+		var got http.Header
+		c, _ := newClient(t, func(w http.ResponseWriter, r *http.Request) {
+			gotURI, got = r.RequestURI, r.Header
+			_, _ = w.Write([]byte(`{"admin":true}`))
+		})
+		reply, err := c.AdminStatus(t.Context(), "syt_tok", tc.user, http.Header{"X-Forwarded-For": {"192.0.2.7"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if reply.Status != 200 || string(reply.Body) != `{"admin":true}` {
+			t.Errorf("reply: %d %q", reply.Status, reply.Body)
+		}
+		if gotURI != tc.wantRaw || got.Get("Authorization") != "Bearer syt_tok" || got.Get("X-Forwarded-For") != "192.0.2.7" {
+			t.Errorf("request: %s %v", gotURI, got)
+		}
+	}
+}

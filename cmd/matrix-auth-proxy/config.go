@@ -26,6 +26,7 @@ type Config struct {
 	UpstreamURL       string        `env:"UPSTREAM_URL" envDefault:"http://127.0.0.1:8008"`
 	ListenAddr        string        `env:"LISTEN_ADDR" envDefault:":8080"`
 	AdminAddr         string        `env:"ADMIN_ADDR" envDefault:":9090"`
+	AuthAddr          string        `env:"AUTH_ADDR"`
 	CacheSize         int           `env:"CACHE_SIZE" envDefault:"100000"`
 	CacheTTL          time.Duration `env:"CACHE_TTL" envDefault:"2m"`
 	CacheNegativeTTL  time.Duration `env:"CACHE_NEGATIVE_TTL" envDefault:"10s"`
@@ -131,6 +132,14 @@ func (c *Config) validate() error {
 	}
 	if c.ListenAddr == c.AdminAddr {
 		return &configError{"ADMIN_ADDR", fmt.Sprintf("%q is also LISTEN_ADDR: metrics must never be served to clients", c.AdminAddr)}
+	}
+	if c.AuthAddr != "" {
+		if err := checkAddr(c.AuthAddr); err != nil {
+			return &configError{"AUTH_ADDR", fmt.Sprintf("%q %v", c.AuthAddr, err)}
+		}
+		if c.AuthAddr == c.ListenAddr || c.AuthAddr == c.AdminAddr {
+			return &configError{"AUTH_ADDR", fmt.Sprintf("%q is also LISTEN_ADDR or ADMIN_ADDR: the forward-auth endpoint needs a listener of its own, which only the ingress reaches", c.AuthAddr)}
+		}
 	}
 	if c.CacheSize < 1 {
 		return &configError{"CACHE_SIZE", fmt.Sprintf("%d must be at least 1", c.CacheSize)}

@@ -176,6 +176,17 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 		return fmt.Errorf("ADMIN_ADDR: %w", err)
 	}
 
+	// The forward-auth endpoint gets a listener of its own (AUTH_ADDR),
+	// which only the ingress should reach; empty: off.
+	var authLn net.Listener
+	if cfg.AuthAddr != "" {
+		if authLn, err = net.Listen("tcp", cfg.AuthAddr); err != nil {
+			clientLn.Close()
+			adminLn.Close()
+			return fmt.Errorf("AUTH_ADDR: %w", err)
+		}
+	}
+
 	probe := upstream.NewProbe(client, cfg.ReadinessInterval, cfg.UpstreamTimeout)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "matrix_auth_proxy", Name: "upstream_ready",
@@ -204,6 +215,26 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 		ErrorLog:          zap.NewStdLog(log.Named("admin")),
 	}
 
+	servers := []struct {
+		srv *http.Server
+		ln  net.Listener
+	}{{clientSrv, clientLn}, {adminSrv, adminLn}}
+	var authSrv *http.Server
+	if authLn != nil {
+		authSrv = &http.Server{
+			Handler:           p.ForwardAuth(),
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			// "OPTIONS *" is no auth request: not net/http's 200 either.
+			DisableGeneralOptionsHandler: true,
+			ErrorLog:                     zap.NewStdLog(log.Named("auth")),
+		}
+		servers = append(servers, struct {
+			srv *http.Server
+			ln  net.Listener
+		}{authSrv, authLn})
+	}
+
 	// The probe and the bus run until the client listener has drained.
 	bgCtx, stopBackground := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -211,19 +242,20 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	if invBus != nil {
 		wg.Go(func() { invBus.Run(bgCtx) })
 	}
-	errc := make(chan error, 2)
-	for _, s := range []struct {
-		srv *http.Server
-		ln  net.Listener
-	}{{clientSrv, clientLn}, {adminSrv, adminLn}} {
+	errc := make(chan error, len(servers))
+	for _, s := range servers {
 		wg.Go(func() {
 			if err := s.srv.Serve(s.ln); !errors.Is(err, http.ErrServerClosed) {
 				errc <- err
 			}
 		})
 	}
+	authAddr := "off"
+	if authLn != nil {
+		authAddr = authLn.Addr().String()
+	}
 	log.Info("started", zap.String("version", version), zap.String("listen", clientLn.Addr().String()),
-		zap.String("admin", adminLn.Addr().String()), zap.String("upstream", cfg.upstream.Redacted()))
+		zap.String("admin", adminLn.Addr().String()), zap.String("auth", authAddr), zap.String("upstream", cfg.upstream.Redacted()))
 
 	var serveErr error
 	select {
@@ -240,10 +272,19 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	}
 	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
-	if err := clientSrv.Shutdown(shutCtx); err != nil {
-		log.Warn("in-flight requests cut at SHUTDOWN_TIMEOUT", zap.Error(err))
-		clientSrv.Close()
+	var drain sync.WaitGroup
+	for _, srv := range []*http.Server{clientSrv, authSrv} {
+		if srv == nil {
+			continue
+		}
+		drain.Go(func() {
+			if err := srv.Shutdown(shutCtx); err != nil {
+				log.Warn("in-flight requests cut at SHUTDOWN_TIMEOUT", zap.Error(err))
+				srv.Close()
+			}
+		})
 	}
+	drain.Wait()
 	stopBackground()
 	adminCtx, cancelAdmin := context.WithTimeout(context.Background(), time.Second)
 	defer cancelAdmin()

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -91,6 +93,12 @@ func TestBadConfigExits2NamingTheVariable(t *testing.T) {
 		var out bytes.Buffer
 		if code := run(t.Context(), map[string]string{"UPSTREAM_URL": bad}, &out); code != 2 || strings.Contains(out.String(), "hunter2") {
 			t.Errorf("UPSTREAM_URL %s: exit %d, output %q", bad, code, out.String())
+		}
+	}
+	for _, auth := range []string{"8081", ":8080", ":9090"} {
+		var out bytes.Buffer
+		if code := run(t.Context(), map[string]string{"AUTH_ADDR": auth}, &out); code != 2 || !strings.Contains(out.String(), "AUTH_ADDR: ") {
+			t.Errorf("AUTH_ADDR=%s: exit %d: %q", auth, code, out.String())
 		}
 	}
 	t.Run("same listen and admin address", func(t *testing.T) {
@@ -321,4 +329,73 @@ func TestListenFailureExits1(t *testing.T) {
 	if code != 1 || !strings.Contains(out.String(), "LISTEN_ADDR") {
 		t.Errorf("exit %d, log %s", code, out.String())
 	}
+}
+
+// TestRunServesForwardAuthOnItsOwnListener: with AUTH_ADDR the forward-auth
+// endpoint answers there, and the client listener knows nothing of it (it
+// forwards /auth to the homeserver like any other path).
+func TestRunServesForwardAuthOnItsOwnListener(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	var sawAuth atomic.Bool
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/_matrix/client/versions":
+			_, _ = io.WriteString(w, `{"versions":["v1.11"]}`)
+		case "/_matrix/client/v3/account/whoami":
+			_, _ = io.WriteString(w, `{"user_id":"@a:hs","device_id":"D","is_guest":false}`)
+		case "/auth":
+			sawAuth.Store(true)
+			w.WriteHeader(404)
+		}
+	}))
+	defer hs.Close()
+	listen, admin, auth := freeAddr(t), freeAddr(t), freeAddr(t)
+	env := map[string]string{"UPSTREAM_URL": hs.URL, "LISTEN_ADDR": listen, "ADMIN_ADDR": admin, "AUTH_ADDR": auth,
+		"SHUTDOWN_DELAY": "0s"}
+	ctx, stop := context.WithCancel(t.Context())
+	defer stop()
+	var logs syncBuffer
+	exit := make(chan int)
+	go func() { exit <- run(ctx, env, &logs) }()
+	waitFor(t, "/healthz", func() bool { c, _ := get("http://" + admin + "/healthz"); return c == 200 })
+
+	req, _ := http.NewRequest("GET", "http://"+auth+"/auth", nil)
+	req.Header.Set("Authorization", "Bearer syt_x")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("X-Matrix-User-ID") != "@a:hs" {
+		t.Errorf("AUTH_ADDR /auth: %d %v", resp.StatusCode, resp.Header)
+	}
+	req, _ = http.NewRequest("GET", "http://"+listen+"/auth", nil)
+	req.Header.Set("Authorization", "Bearer syt_x")
+	if resp, err = http.DefaultClient.Do(req); err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 404 || resp.Header.Get("X-Matrix-User-ID") != "" || !sawAuth.Load() {
+		t.Errorf("LISTEN_ADDR /auth: %d %v (forwarded: %v)", resp.StatusCode, resp.Header, sawAuth.Load())
+	}
+	// "OPTIONS *" is not answered 200 by net/http on the auth listener.
+	if conn, err := net.Dial("tcp", auth); err == nil {
+		_, _ = io.WriteString(conn, "OPTIONS * HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer syt_x\r\nConnection: close\r\n\r\n")
+		line, _ := bufio.NewReader(conn).ReadString('\n')
+		conn.Close()
+		if !strings.HasPrefix(line, "HTTP/1.1 404") {
+			t.Errorf("OPTIONS * on AUTH_ADDR: %q", line)
+		}
+	}
+	if c, body := get("http://" + admin + "/metrics"); c != 200 || !strings.Contains(body, `matrix_auth_proxy_auth_requests_total{result="allowed"} 1`) {
+		t.Errorf("/metrics: %d, no allowed auth request counted", c)
+	}
+	stop()
+	if code := <-exit; code != 0 {
+		t.Errorf("exit %d\n%s", code, logs.String())
+	}
+	if c, _ := get("http://" + auth + "/auth"); c != 0 {
+		t.Errorf("auth listener still answering after exit: %d", c)
+	}
+	http.DefaultClient.CloseIdleConnections()
 }
