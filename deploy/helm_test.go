@@ -456,6 +456,13 @@ func checkChart(t *testing.T, o *chartObjects, c chartCase) {
 	if namedPort(ctr, "client") != client || namedPort(ctr, "metrics") != admin {
 		t.Errorf("ports %+v; LISTEN_ADDR %s, ADMIN_ADDR %s", ctr.Ports, env["LISTEN_ADDR"], env["ADMIN_ADDR"])
 	}
+	auth := int32(0) // AUTH_ADDR, the forward-auth listener: off unless set
+	if env["AUTH_ADDR"] != "" {
+		auth = int32(portOf(t, env["AUTH_ADDR"]))
+	}
+	if namedPort(ctr, "auth") != auth {
+		t.Errorf("container port auth %d; AUTH_ADDR %q", namedPort(ctr, "auth"), env["AUTH_ADDR"])
+	}
 	for _, p := range []struct {
 		name  string
 		probe *corev1.Probe
@@ -480,6 +487,7 @@ func checkChart(t *testing.T, o *chartObjects, c chartCase) {
 		case sp.Name == "metrics" && sp.Port == admin && target == admin:
 		case sp.Name == "client" && sp.Port == client && target == client:
 		case strings.HasPrefix(sp.Name, "client-") && target == client: // service.extraClientPorts
+		case sp.Name == "auth" && auth != 0 && sp.Port == auth && target == auth:
 		default:
 			t.Errorf("Service port %s %d → %s; want client %d or metrics %d on the same container port", sp.Name, sp.Port, sp.TargetPort.String(), client, admin)
 		}
@@ -738,6 +746,7 @@ func TestHelmChartRejects(t *testing.T) {
 		{"grace too short", mergeValues(ok, map[string]any{"terminationGracePeriodSeconds": 20, "config": map[string]any{"shutdownDelay": "1m"}}),
 			[]string{"terminationGracePeriodSeconds 20", "config.shutdownDelay"}},
 		{"same ports", mergeValues(ok, map[string]any{"config": map[string]any{"adminPort": 8080}}), []string{"config.adminPort"}},
+		{"auth port on the client port", mergeValues(ok, map[string]any{"config": map[string]any{"authPort": 8080}}), []string{"config.authPort"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := helmInstall(t, chrt, "bad", "matrix", c.vals, nil)

@@ -92,6 +92,11 @@ so the Go GC works harder before the kernel OOM-kills. */}}
 {{- if and .Values.mas.introspectionURL (not .Values.mas.secret.existingSecret) -}}
 {{- fail "mas.introspectionURL needs mas.secret.existingSecret: the proxy authenticates to MAS with matrix.secret" -}}
 {{- end -}}
+{{- with .Values.config.authPort -}}
+{{- if or (eq (int .) (int $.Values.config.listenPort)) (eq (int .) (int $.Values.config.adminPort)) -}}
+{{- fail "config.authPort equals config.listenPort or config.adminPort: the forward-auth endpoint needs its own port" -}}
+{{- end -}}
+{{- end -}}
 {{- if eq (int .Values.config.listenPort) (int .Values.config.adminPort) -}}
 {{- fail "config.adminPort equals config.listenPort: metrics must never be served to clients" -}}
 {{- end -}}
