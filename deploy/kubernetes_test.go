@@ -179,9 +179,19 @@ func (r *rendered) configMap(t *testing.T, name string) corev1.ConfigMap {
 	return corev1.ConfigMap{}
 }
 
-// proxyEnv is the environment the sidecar gets: its ConfigMaps (envFrom)
-// and env entries, on top of the binary's defaults.
+// proxyEnv is the environment the sidecar gets (containerEnv): the
+// kustomizations put everything in ConfigMaps.
 func proxyEnv(t *testing.T, r *rendered, c corev1.Container) map[string]string {
+	t.Helper()
+	return containerEnv(t, r.dir, c, func(name string) corev1.ConfigMap { return r.configMap(t, name) }, false)
+}
+
+// containerEnv is the environment the proxy container of where gets: the
+// binary's defaults, then its ConfigMaps (envFrom, no prefix), then its env
+// entries, each checked to be a variable the binary reads. With
+// secretRefs, an env entry may come from a Secret (it stands as
+// "<secret:name/key>"); without, valueFrom is an error.
+func containerEnv(t *testing.T, where string, c corev1.Container, configMap func(string) corev1.ConfigMap, secretRefs bool) map[string]string {
 	t.Helper()
 	known := binaryEnv(t)
 	env := map[string]string{}
@@ -190,28 +200,32 @@ func proxyEnv(t *testing.T, r *rendered, c corev1.Container) map[string]string {
 	}
 	set := func(name, value, from string) {
 		if _, ok := known[name]; !ok && !goRuntimeEnv[name] {
-			t.Errorf("%s: %s sets %s, which the binary does not read (cmd/matrix-auth-proxy/config.go)", r.dir, from, name)
+			t.Errorf("%s: %s sets %s, which the binary does not read (cmd/matrix-auth-proxy/config.go)", where, from, name)
 		}
 		env[name] = value
 	}
 	for _, src := range c.EnvFrom {
-		if src.SecretRef != nil || src.ConfigMapRef == nil {
-			t.Errorf("%s: envFrom %+v: configuration comes from ConfigMaps only", r.dir, src)
+		if src.SecretRef != nil || src.ConfigMapRef == nil || src.Prefix != "" {
+			t.Errorf("%s: envFrom %+v: configuration comes from ConfigMaps only, without a prefix", where, src)
 			continue
 		}
-		if src.Prefix != "" {
-			t.Errorf("%s: envFrom prefix %q", r.dir, src.Prefix)
-		}
-		cm := r.configMap(t, src.ConfigMapRef.Name)
+		cm := configMap(src.ConfigMapRef.Name)
 		for k, v := range cm.Data {
 			set(k, v, "ConfigMap "+cm.Name)
 		}
 	}
 	for _, e := range c.Env {
-		if e.ValueFrom != nil {
-			t.Errorf("%s: env %s uses valueFrom: put it in the ConfigMap", r.dir, e.Name)
+		switch {
+		case e.ValueFrom == nil:
+			set(e.Name, e.Value, "env")
+		case secretRefs && e.ValueFrom.SecretKeyRef != nil:
+			ref := e.ValueFrom.SecretKeyRef
+			set(e.Name, "<secret:"+ref.Name+"/"+ref.Key+">", "env")
+		case secretRefs:
+			t.Errorf("%s: env %s: only secretKeyRef is expected", where, e.Name)
+		default:
+			t.Errorf("%s: env %s uses valueFrom: put it in the ConfigMap", where, e.Name)
 		}
-		set(e.Name, e.Value, "env")
 	}
 	return env
 }
