@@ -1,6 +1,7 @@
 package deploy
 
 import (
+	"strings"
 	"testing"
 )
 
@@ -45,5 +46,37 @@ func TestReview3TrustedRangeOnlyReachesTrustingPorts(t *testing.T) {
 	}
 	if checked == 0 {
 		t.Fatal("no documented install trusts a proxy range; nothing checked")
+	}
+}
+
+// TestReview3SchemaRejectsMistakes: values.schema.json (or the chart's own
+// checks) refuses values that cannot work, naming them, at render time
+// rather than as a crash-looping pod or a setting silently dropped.
+func TestReview3SchemaRejectsMistakes(t *testing.T) {
+	chrt := loadChart(t, chartDir)
+	ok := map[string]any{"replicaCount": 1, "upstream": map[string]any{"url": "http://synapse:8008"}}
+	for _, c := range []struct {
+		name string
+		vals map[string]any
+		want string
+	}{
+		// A typo in resources: the pod runs without the limit, and
+		// GOMEMLIMIT is not derived; nothing says so.
+		{"resources typo", mergeValues(ok, map[string]any{"resources": map[string]any{"limit": map[string]any{"memory": "1Gi"}}}), "limit"},
+		{"resources.limits typo", mergeValues(ok, map[string]any{"resources": map[string]any{"limits": map[string]any{"memroy": "1Gi"}}}), "memroy"},
+		// TRUSTED_PROXIES / RATE_LIMIT_EXEMPT_CIDRS the binary cannot parse:
+		// rendered, then the pod crash-loops.
+		{"trusted proxy not a CIDR", mergeValues(ok, map[string]any{"trustedProxies": []any{"10.0.0.0/33"}}), "trustedProxies"},
+		{"exempt CIDR not a CIDR", mergeValues(ok, map[string]any{"rateLimit": map[string]any{"exemptCIDRs": []any{"pods"}}}), "exemptCIDRs"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := helmInstall(t, chrt, "bad", "matrix", c.vals, nil)
+			if err == nil {
+				t.Fatalf("install of %v succeeded; want it refused naming %q", c.vals, c.want)
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Errorf("error %q does not name %q", err, c.want)
+			}
+		})
 	}
 }
