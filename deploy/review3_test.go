@@ -3,6 +3,11 @@ package deploy
 import (
 	"strings"
 	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	"sigs.k8s.io/yaml"
 )
 
 // Adversarial review of the Helm chart and its ESS wiring (review 3).
@@ -78,5 +83,80 @@ func TestReview3SchemaRejectsMistakes(t *testing.T) {
 				t.Errorf("error %q does not name %q", err, c.want)
 			}
 		})
+	}
+}
+
+// renderESSValues renders matrix-stack from its complete CI example with
+// extra on top, then the proxy's ESS values file, decoded as renderESS
+// does; the result is stored under variant v for loadESSWiring.
+func renderESSValues(t *testing.T, v essVariant, extra map[string]any) {
+	t.Helper()
+	dir := essChartDir(t)
+	vals := valuesFile(t, dir+"/ci/example-default-enabled-components-values.yaml")
+	vals = mergeValues(vals, extra, valuesFile(t, "helm/ess/matrix-stack-values.yaml"))
+	rel, err := helmInstall(t, loadChart(t, dir), essRelease, essNamespace, vals, prometheusOperatorAPIs)
+	if err != nil {
+		t.Fatalf("render matrix-stack with %v: %v", extra, err)
+	}
+	o := &essObjects{}
+	for _, js := range manifestObjects(t, rel.Manifest) {
+		var meta struct{ APIVersion, Kind string }
+		if err := yaml.Unmarshal(js, &meta); err != nil {
+			t.Fatal(err)
+		}
+		var into any
+		switch meta.APIVersion + "/" + meta.Kind {
+		case "networking.k8s.io/v1/Ingress":
+			o.ingresses = append(o.ingresses, networkingv1.Ingress{})
+			into = &o.ingresses[len(o.ingresses)-1]
+		case "v1/Service":
+			o.services = append(o.services, corev1.Service{})
+			into = &o.services[len(o.services)-1]
+		case "v1/ConfigMap":
+			o.configMaps = append(o.configMaps, corev1.ConfigMap{})
+			into = &o.configMaps[len(o.configMaps)-1]
+		case "apps/v1/Deployment":
+			o.deployments = append(o.deployments, appsv1.Deployment{})
+			into = &o.deployments[len(o.deployments)-1]
+		case "apps/v1/StatefulSet":
+			o.sets = append(o.sets, appsv1.StatefulSet{})
+			into = &o.sets[len(o.sets)-1]
+		default:
+			continue
+		}
+		if err := yaml.Unmarshal(js, into); err != nil {
+			t.Fatalf("%s: %v", meta.Kind, err)
+		}
+	}
+	essRenders[essRenderKey{v, true}] = o
+}
+
+// TestReview3ESSWithoutMASRevocationsReachProxy: ESS runs without MAS too
+// (matrixAuthenticationService.enabled: false; ESS's own worker CI example
+// does). The values files do not say they need MAS, and ESS renders with
+// them; but then Synapse itself serves logout, device deletion, password
+// changes and deactivation, and HAProxy sends those straight to Synapse:
+// the proxy never sees them, so a token logged out stays valid at the
+// cached whoami for CACHE_TTL instead of being dropped at once.
+func TestReview3ESSWithoutMASRevocationsReachProxy(t *testing.T) {
+	v := essVariant{name: "review3-without-mas"}
+	renderESSValues(t, v, map[string]any{"matrixAuthenticationService": map[string]any{"enabled": false}})
+	w := loadESSWiring(t, v)
+	host := synapseHost(t)
+	if hops := w.follow(t, "GET", "/_matrix/client/v3/account/whoami", w.ess.ingressRoute(t, host, "/_matrix/client/v3/account/whoami")); !w.viaProxy(hops) {
+		t.Fatalf("whoami does not reach the proxy either: %v", hops)
+	}
+	for _, rq := range []struct{ method, path string }{
+		{"POST", "/_matrix/client/v3/logout"},
+		{"POST", "/_matrix/client/v3/logout/all"},
+		{"DELETE", "/_matrix/client/v3/devices/ABCDEF"},
+		{"POST", "/_matrix/client/v3/delete_devices"},
+		{"POST", "/_matrix/client/v3/account/password"},
+		{"POST", "/_matrix/client/v3/account/deactivate"},
+	} {
+		hops := w.follow(t, rq.method, rq.path, w.ess.ingressRoute(t, host, rq.path))
+		if !w.viaProxy(hops) {
+			t.Errorf("%s %s revokes tokens but does not pass the proxy: %v", rq.method, rq.path, hops)
+		}
 	}
 }
