@@ -160,3 +160,47 @@ func TestReview3ESSWithoutMASRevocationsReachProxy(t *testing.T) {
 		}
 	}
 }
+
+// TestReview3ESSMASSecretExists: matrix-auth-proxy-values.yaml mounts MAS's
+// secret from Secret ess-generated, key MAS_SYNAPSE_SHARED_SECRET. ESS
+// generates that key only when it makes the secret itself: an ESS whose
+// values give matrixAuthenticationService.synapseSharedSecret (or run
+// without MAS) has no such key, the proxy's pod never starts
+// (CreateContainerConfigError), and HAProxy answers every whoami with 503.
+func TestReview3ESSMASSecretExists(t *testing.T) {
+	dir := essChartDir(t)
+	base := valuesFile(t, dir+"/ci/example-default-enabled-components-values.yaml")
+	stack := valuesFile(t, "helm/ess/matrix-stack-values.yaml")
+	proxyVals := valuesFile(t, "helm/ess/matrix-auth-proxy-values.yaml")
+	sec := proxyVals["mas"].(map[string]any)["secret"].(map[string]any)
+	want := essRelease + "-generated:" + sec["existingSecretKey"].(string)
+	if sec["existingSecret"] != essRelease+"-generated" {
+		t.Fatalf("the values mount %v, no longer ESS's generated Secret; revisit this test", sec)
+	}
+	for _, tc := range []struct {
+		name  string
+		extra map[string]any
+	}{
+		{"ESS generates MAS's secret", nil},
+		{"operator gives MAS's secret", map[string]any{"matrixAuthenticationService": map[string]any{
+			"synapseSharedSecret": map[string]any{"value": "operator-chosen-secret"}}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			vals := mergeValues(base, stack)
+			if tc.extra != nil {
+				vals = mergeValues(vals, tc.extra)
+			}
+			rel, err := helmInstall(t, loadChart(t, dir), essRelease, essNamespace, vals, prometheusOperatorAPIs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			all := rel.Manifest
+			for _, h := range rel.Hooks {
+				all += "\n" + h.Manifest
+			}
+			if !strings.Contains(all, want) {
+				t.Errorf("ESS creates no %s, which matrix-auth-proxy-values.yaml mounts: the proxy's pod cannot start and every whoami HAProxy sends it fails", want)
+			}
+		})
+	}
+}
