@@ -204,3 +204,41 @@ func TestReview3ESSMASSecretExists(t *testing.T) {
 		})
 	}
 }
+
+// TestReview3ExposedServiceKeepsAuthAndAdminInternal: the schema offers
+// service.type NodePort and LoadBalancer (to expose the client port), and
+// the same Service carries the forward-auth port ("Keep AUTH_ADDR
+// unreachable from outside the cluster", README) and the admin port
+// ("Never exposed"). With an externally reachable Service they are on every
+// node or on the load balancer; only a NetworkPolicy (optional, and not
+// enforced by every CNI) stands in front of /metrics, and nothing in front
+// of the auth port, which the NetworkPolicy opens to all. Behind a
+// load balancer with externalTrafficPolicy Cluster, clients arrive from
+// node addresses, often inside the trustedProxies of the examples
+// (10.0.0.0/8): their own X-Forwarded-For is then believed.
+func TestReview3ExposedServiceKeepsAuthAndAdminInternal(t *testing.T) {
+	chrt := loadChart(t, chartDir)
+	for _, typ := range []string{"NodePort", "LoadBalancer"} {
+		t.Run(typ, func(t *testing.T) {
+			vals := map[string]any{"replicaCount": 1, "upstream": map[string]any{"url": "http://synapse:8008"},
+				"config":         map[string]any{"authPort": 8081},
+				"trustedProxies": []any{"10.0.0.0/8"},
+				"service":        map[string]any{"type": typ}}
+			rel, err := helmInstall(t, chrt, "exposed", "matrix", vals, nil)
+			if err != nil {
+				return // refused: fine
+			}
+			o := decodeChart(t, typ, rel)
+			for _, svc := range o.services {
+				if svc.Spec.Type != "NodePort" && svc.Spec.Type != "LoadBalancer" {
+					continue
+				}
+				for _, p := range svc.Spec.Ports {
+					if p.Name == "auth" || p.Name == "metrics" {
+						t.Errorf("Service %s (type %s) exposes port %s (%d) outside the cluster", svc.Name, svc.Spec.Type, p.Name, p.Port)
+					}
+				}
+			}
+		})
+	}
+}
