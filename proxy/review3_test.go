@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net/http"
+	"strings"
 	"testing"
 )
 
@@ -68,5 +69,43 @@ func TestReview3GuestCachedByWhoami(t *testing.T) {
 	}
 	if n := h.hs.whoamiCalls.Load(); n != 1 {
 		t.Errorf("whoami asked %d times, want 1", n)
+	}
+}
+
+// TestReview3AdminUnderMAS: with MAS (Synapse's api/auth/mas.py), whether
+// the requester is an admin is the token's scope ("urn:synapse:admin:*" in
+// requester.scope), not Synapse's users.admin column; GET
+// /_synapse/admin/v1/users/{u}/admin first requires the requester to be an
+// admin (assert_requester_is_admin), then answers {"admin": <the column>}
+// (rest/admin/users.py, UserAdminServlet.on_GET). MAS never sets that
+// column (rest/synapse/mas/users.py has no admin field), so an admin MAS
+// made (mas-cli manage promote-admin) with an admin-scoped token — what an
+// admin UI such as synapse-admin asks for — gets 200 {"admin": false}, and
+// forward-auth's admin=true refuses exactly the people it is for. A 200 is
+// already the answer: the endpoint answers only admins, and the user asked
+// about is the requester.
+func TestReview3AdminUnderMAS(t *testing.T) {
+	h := newHarness(t)
+	scoped := h.hs.login("@mas_admin:hs", "ADMINUI")
+	plain := h.hs.login("@mas_user:hs", "PHONE")
+	// The fake answers as Synapse 1.163 with MAS does: admin scope on
+	// ADMINUI's token, users.admin false for everyone.
+	h.hs.setOverride(func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method != http.MethodGet || !strings.HasPrefix(r.URL.Path, "/_synapse/admin/v1/users/") {
+			return false
+		}
+		h.hs.adminCalls.Add(1)
+		if r.Header.Get("Authorization") != "Bearer "+scoped {
+			writeJSON(w, 403, `{"errcode":"M_FORBIDDEN","error":"You are not a server admin"}`)
+			return true
+		}
+		writeJSON(w, 200, `{"admin":false}`)
+		return true
+	})
+	if rec := h.auth("/auth?admin=true", bearer(plain)); rec.Code != 403 {
+		t.Errorf("a token without the admin scope: %d, want 403", rec.Code)
+	}
+	if rec := h.auth("/auth?admin=true", bearer(scoped)); rec.Code != 200 {
+		t.Errorf("a token Synapse treats as an admin's (the admin endpoint answered it 200): %d %s, want 200", rec.Code, rec.Body)
 	}
 }
