@@ -242,3 +242,39 @@ func TestReview3ExposedServiceKeepsAuthAndAdminInternal(t *testing.T) {
 		})
 	}
 }
+
+// TestReview3GeneratedKeyStableWithoutLookup: "TOKEN_HASH_KEY ... is
+// generated once into the chart's Secret and kept across upgrades
+// (lookup)". lookup finds nothing whenever the chart is rendered without
+// the cluster: helm template, and so Argo CD and Flux's post-renderers
+// built on it. Each sync then writes a new key; replicas started before
+// and after it hash tokens differently, and a token-scoped invalidation one
+// replica publishes on the bus (hex TokenIDs) names nothing on the others:
+// a logout through one replica leaves the token cached on the rest until
+// CACHE_TTL. Two offline renders must agree, or the chart must refuse to
+// render offline without tokenHashKey.existingSecret.
+func TestReview3GeneratedKeyStableWithoutLookup(t *testing.T) {
+	chrt := loadChart(t, chartDir)
+	vals := map[string]any{"replicaCount": 2, "upstream": map[string]any{"url": "http://synapse:8008"},
+		"redis": map[string]any{"url": "redis://redis:6379"}}
+	var keys []string
+	for range 2 {
+		rel, err := helmInstall(t, chrt, "gitops", "matrix", vals, nil)
+		if err != nil {
+			return // refused offline: fine
+		}
+		o := decodeChart(t, "gitops", rel)
+		s := o.secret("gitops-matrix-auth-proxy")
+		if s == nil {
+			t.Fatal("no chart Secret rendered")
+		}
+		k := string(s.Data["TOKEN_HASH_KEY"])
+		if k == "" {
+			t.Fatal("the chart Secret has no TOKEN_HASH_KEY")
+		}
+		keys = append(keys, k)
+	}
+	if keys[0] != keys[1] {
+		t.Errorf("two offline renders of the same values generate different TOKEN_HASH_KEYs: replicas of a GitOps-managed release would hash tokens differently after a sync")
+	}
+}
