@@ -91,12 +91,17 @@ func TestReview3SchemaRejectsMistakes(t *testing.T) {
 // does; the result is stored under variant v for loadESSWiring.
 func renderESSValues(t *testing.T, v essVariant, extra map[string]any) {
 	t.Helper()
+	renderESSLayers(t, v, extra, valuesFile(t, "helm/ess/matrix-stack-values.yaml"))
+}
+
+// renderESSLayers is renderESSValues with the layers given.
+func renderESSLayers(t *testing.T, v essVariant, layers ...map[string]any) {
+	t.Helper()
 	dir := essChartDir(t)
-	vals := valuesFile(t, dir+"/ci/example-default-enabled-components-values.yaml")
-	vals = mergeValues(vals, extra, valuesFile(t, "helm/ess/matrix-stack-values.yaml"))
+	vals := mergeValues(append([]map[string]any{valuesFile(t, dir+"/ci/example-default-enabled-components-values.yaml")}, layers...)...)
 	rel, err := helmInstall(t, loadChart(t, dir), essRelease, essNamespace, vals, prometheusOperatorAPIs)
 	if err != nil {
-		t.Fatalf("render matrix-stack with %v: %v", extra, err)
+		t.Fatalf("render matrix-stack: %v", err)
 	}
 	o := &essObjects{}
 	for _, js := range manifestObjects(t, rel.Manifest) {
@@ -276,5 +281,30 @@ func TestReview3GeneratedKeyStableWithoutLookup(t *testing.T) {
 	}
 	if keys[0] != keys[1] {
 		t.Errorf("two offline renders of the same values generate different TOKEN_HASH_KEYs: replicas of a GitOps-managed release would hash tokens differently after a sync")
+	}
+}
+
+// TestReview3ESSKeepsOperatorsAdditionalPaths: the README's command is
+// "-f your-ess-values.yaml -f deploy/helm/ess/matrix-stack-values.yaml"
+// ("three HAProxy paths, nothing else changes"). Helm replaces lists, it
+// does not merge them: an operator's own synapse.ingress.additionalPaths (a
+// bridge's provisioning API, a widget service) are silently dropped.
+func TestReview3ESSKeepsOperatorsAdditionalPaths(t *testing.T) {
+	operator := map[string]any{"synapse": map[string]any{"ingress": map[string]any{"additionalPaths": []any{
+		map[string]any{"path": "/_matrix/bridge-provisioning", "availability": "only_externally",
+			"service": map[string]any{"name": "my-bridge", "port": map[string]any{"number": 9000}}},
+	}}}}
+	host := synapseHost(t)
+	// Control: ESS alone sends the path to the bridge.
+	ctl := essVariant{name: "review3-operator-paths-alone"}
+	renderESSLayers(t, ctl, operator)
+	if got := essRenders[essRenderKey{ctl, true}].ingressRoute(t, host, "/_matrix/bridge-provisioning/v1/x"); got.service != "my-bridge" {
+		t.Fatalf("control: without the proxy's values the path goes to %v; this test proves nothing", got)
+	}
+	v := essVariant{name: "review3-operator-paths"}
+	renderESSValues(t, v, operator)
+	o := essRenders[essRenderKey{v, true}]
+	if got := o.ingressRoute(t, host, "/_matrix/bridge-provisioning/v1/x"); got.service != "my-bridge" {
+		t.Errorf("the operator's additional path now goes to %v, not my-bridge: matrix-stack-values.yaml replaced the list", got)
 	}
 }
