@@ -260,7 +260,9 @@ func chartCases(t *testing.T) []chartCase {
 			"rateLimit": map[string]any{"rps": 5.5, "exemptUsers": []any{"@bridge:example.org"},
 				"exemptCIDRs": []any{"10.1.0.0/16"}},
 			"trustedProxies": []any{"10.0.0.0/8", "fd00::/8"},
-			"tokenHashKey":   map[string]any{"existingSecret": "proxy-secrets", "existingSecretKey": "hash-key"},
+			"networkPolicy": map[string]any{"clientFrom": []any{map[string]any{"namespaceSelector": map[string]any{
+				"matchLabels": map[string]any{"kubernetes.io/metadata.name": "ingress-nginx"}}}}},
+			"tokenHashKey": map[string]any{"existingSecret": "proxy-secrets", "existingSecretKey": "hash-key"},
 			"redis": map[string]any{"url": "rediss://redis.example:6380/2",
 				"password": map[string]any{"existingSecret": "redis-auth", "existingSecretKey": "password"}},
 			"mas": map[string]any{"serverName": "example.org", "introspectionURL": "http://mas:8080/oauth2/introspect",

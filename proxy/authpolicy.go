@@ -73,7 +73,9 @@ func parsePolicy(raw string) (*authPolicy, error) {
 	if len(raw) > maxPolicyLen {
 		return nil, errors.New("policy over 16 KiB")
 	}
-	q, err := url.ParseQuery(raw)
+	// A policy is written by the operator, not form-encoded: '+' is a
+	// literal (Synapse allows it in user IDs), not a space.
+	q, err := url.ParseQuery(strings.ReplaceAll(raw, "+", "%2B"))
 	if err != nil {
 		return nil, errors.New("policy is not a query string")
 	}

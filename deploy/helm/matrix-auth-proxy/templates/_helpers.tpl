@@ -92,6 +92,12 @@ so the Go GC works harder before the kernel OOM-kills. */}}
 {{- if and .Values.mas.introspectionURL (not .Values.mas.secret.existingSecret) -}}
 {{- fail "mas.introspectionURL needs mas.secret.existingSecret: the proxy authenticates to MAS with matrix.secret" -}}
 {{- end -}}
+{{- if and .Values.trustedProxies .Values.networkPolicy.enabled (not .Values.networkPolicy.clientFrom) -}}
+{{- fail "trustedProxies is set but networkPolicy.clientFrom is empty: any pod could reach the client port with an X-Forwarded-For of its choosing and pick its own rate-limit bucket; name the ingress controller's pods or namespace in networkPolicy.clientFrom" -}}
+{{- end -}}
+{{- if ne .Values.service.type "ClusterIP" -}}
+{{- fail (printf "service.type %s would expose the admin port (/metrics) and the forward-auth port outside the cluster: keep the Service ClusterIP and expose the client port with an Ingress" .Values.service.type) -}}
+{{- end -}}
 {{- with .Values.config.authPort -}}
 {{- if or (eq (int .) (int $.Values.config.listenPort)) (eq (int .) (int $.Values.config.adminPort)) -}}
 {{- fail "config.authPort equals config.listenPort or config.adminPort: the forward-auth endpoint needs its own port" -}}
