@@ -3,11 +3,6 @@ package deploy
 import (
 	"strings"
 	"testing"
-
-	appsv1 "k8s.io/api/apps/v1"
-	corev1 "k8s.io/api/core/v1"
-	networkingv1 "k8s.io/api/networking/v1"
-	"sigs.k8s.io/yaml"
 )
 
 // Adversarial review of the Helm chart and its ESS wiring (review 3).
@@ -84,56 +79,6 @@ func TestReview3SchemaRejectsMistakes(t *testing.T) {
 			}
 		})
 	}
-}
-
-// renderESSValues renders matrix-stack from its complete CI example with
-// extra on top, then the proxy's ESS values file, decoded as renderESS
-// does; the result is stored under variant v for loadESSWiring.
-func renderESSValues(t *testing.T, v essVariant, extra map[string]any) {
-	t.Helper()
-	renderESSLayers(t, v, extra, valuesFile(t, "helm/ess/matrix-stack-values.yaml"))
-}
-
-// renderESSLayers is renderESSValues with the layers given.
-func renderESSLayers(t *testing.T, v essVariant, layers ...map[string]any) {
-	t.Helper()
-	dir := essChartDir(t)
-	vals := mergeValues(append([]map[string]any{valuesFile(t, dir+"/ci/example-default-enabled-components-values.yaml")}, layers...)...)
-	rel, err := helmInstall(t, loadChart(t, dir), essRelease, essNamespace, vals, prometheusOperatorAPIs)
-	if err != nil {
-		t.Fatalf("render matrix-stack: %v", err)
-	}
-	o := &essObjects{}
-	for _, js := range manifestObjects(t, rel.Manifest) {
-		var meta struct{ APIVersion, Kind string }
-		if err := yaml.Unmarshal(js, &meta); err != nil {
-			t.Fatal(err)
-		}
-		var into any
-		switch meta.APIVersion + "/" + meta.Kind {
-		case "networking.k8s.io/v1/Ingress":
-			o.ingresses = append(o.ingresses, networkingv1.Ingress{})
-			into = &o.ingresses[len(o.ingresses)-1]
-		case "v1/Service":
-			o.services = append(o.services, corev1.Service{})
-			into = &o.services[len(o.services)-1]
-		case "v1/ConfigMap":
-			o.configMaps = append(o.configMaps, corev1.ConfigMap{})
-			into = &o.configMaps[len(o.configMaps)-1]
-		case "apps/v1/Deployment":
-			o.deployments = append(o.deployments, appsv1.Deployment{})
-			into = &o.deployments[len(o.deployments)-1]
-		case "apps/v1/StatefulSet":
-			o.sets = append(o.sets, appsv1.StatefulSet{})
-			into = &o.sets[len(o.sets)-1]
-		default:
-			continue
-		}
-		if err := yaml.Unmarshal(js, into); err != nil {
-			t.Fatalf("%s: %v", meta.Kind, err)
-		}
-	}
-	essRenders[essRenderKey{v, true}] = o
 }
 
 // TestReview3ExposedServiceKeepsAuthAndAdminInternal: the schema offers
