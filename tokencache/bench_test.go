@@ -296,3 +296,151 @@ func BenchmarkInvalidateUserDevices(b *testing.B) {
 		b.Fatalf("held %d, want the %d others", c.Len(), n)
 	}
 }
+
+// parallelKeys fills a cache of n tokens (n users) and returns their keys
+// and tokens, for the parallel benchmarks below.
+func parallelKeys(b *testing.B, n int) (*Cache, *Hasher, []Key, []string) {
+	c, h := benchCache(b, 2*n)
+	tokens := make([]string, n)
+	for i := range tokens {
+		tokens[i] = benchToken("par", i)
+	}
+	keys := fillN(b, c, h, "par", n, func(i int) string { return fmt.Sprintf("@u%d:example.org", i) })
+	return c, h, keys, tokens
+}
+
+// BenchmarkKeyParallel is the key hash alone from GOMAXPROCS goroutines: it
+// shares no state, so its scaling from -cpu 1 to -cpu 2 is what the machine
+// gives at the moment, the reference for the other parallel benchmarks'.
+func BenchmarkKeyParallel(b *testing.B) {
+	_, h, _, tokens := parallelKeys(b, 10_000)
+	var next atomic.Int64
+	var sink atomic.Uint64
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := int(next.Add(7919))
+		var x uint64
+		for pb.Next() {
+			i++
+			x += uint64(h.Key(tokens[i%len(tokens)], Masquerade{}).Token[0])
+		}
+		sink.Add(x)
+	})
+}
+
+// BenchmarkGetParallel is Get alone (keys hashed in advance) from
+// GOMAXPROCS goroutines: run with -cpu 1,2,4 to see how the cache's lock
+// scales. ns/op is wall time per lookup over all goroutines, so perfect
+// scaling halves it from -cpu 1 to -cpu 2.
+func BenchmarkGetParallel(b *testing.B) {
+	c, _, keys, _ := parallelKeys(b, 10_000)
+	var next atomic.Int64
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := int(next.Add(7919))
+		for pb.Next() {
+			i++
+			if _, r := c.Get(keys[i%len(keys)]); r != Hit {
+				b.Error("miss")
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkHitParallel is a cached whoami's cache work (key hash plus Get)
+// from GOMAXPROCS goroutines; run with -cpu 1,2,4.
+func BenchmarkHitParallel(b *testing.B) {
+	c, h, _, tokens := parallelKeys(b, 10_000)
+	var next atomic.Int64
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := int(next.Add(7919))
+		for pb.Next() {
+			i++
+			if _, r := c.Get(h.Key(tokens[i%len(tokens)], Masquerade{})); r != Hit {
+				b.Error("miss")
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkMixedParallel is a mixed workload through Resolve from
+// GOMAXPROCS goroutines (run with -cpu 1,2,4): of every 100 operations, 90
+// look up one of 10,000 cached tokens, 8 a token never seen before (the
+// fetch answers at once, so the miss path's own cost shows: singleflight,
+// fill, eviction), and 2 invalidate a cached token (which the next lookup of
+// it fetches again). Keys are hashed in advance. It reports the share of
+// lookups that were hits (hits/lookup) and the fetches per miss
+// (fetches/miss, 1 when no lookup is ever repeated).
+func BenchmarkMixedParallel(b *testing.B) {
+	const hot = 10_000
+	c, h, keys, _ := parallelKeys(b, hot)
+	answers := make([]Answer, hot)
+	for i := range answers {
+		answers[i] = productionAnswer(b, fmt.Sprintf("@u%d:example.org", i), fmt.Sprintf("DEV%07d", i))
+	}
+	cold := make([]Key, 1<<16)
+	for i := range cold {
+		cold[i] = h.Key(benchToken("cold", i), Masquerade{})
+	}
+	coldAnswer := productionAnswer(b, "@cold:example.org", "DEVCOLD")
+	var next, coldNext, lookups, hits, fetches, misses atomic.Int64
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := int(next.Add(7919))
+		var nLookups, nHits, nFetches, nMisses int64
+		for op := 0; pb.Next(); op++ {
+			i++
+			k := i % hot
+			switch op % 50 {
+			case 0: // 2 in 100: invalidate a cached token
+				c.InvalidateToken(keys[k].Token, "logout")
+				continue
+			case 1, 13, 25, 37: // 8 in 100: a token never seen before
+				key := cold[int(coldNext.Add(1))%len(cold)]
+				_, r, err := c.Resolve(ctx, key, func(context.Context) (Answer, error) {
+					nFetches++
+					return coldAnswer, nil
+				})
+				if err != nil || r == NegativeHit {
+					b.Errorf("cold lookup: %v, %v", r, err)
+					return
+				}
+				nLookups++
+				nMisses++
+				if r == Hit {
+					nHits++
+					nMisses--
+				}
+				continue
+			}
+			_, r, err := c.Resolve(ctx, keys[k], func(context.Context) (Answer, error) {
+				nFetches++
+				return answers[k], nil
+			})
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			nLookups++
+			if r == Hit {
+				nHits++
+			} else {
+				nMisses++
+			}
+		}
+		lookups.Add(nLookups)
+		hits.Add(nHits)
+		fetches.Add(nFetches)
+		misses.Add(nMisses)
+	})
+	b.ReportMetric(float64(hits.Load())/float64(max(lookups.Load(), 1)), "hits/lookup")
+	b.ReportMetric(float64(fetches.Load())/float64(max(misses.Load(), 1)), "fetches/miss")
+}
