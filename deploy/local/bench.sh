@@ -23,12 +23,18 @@
 #   5. Homeserver whoami calls per distinct token under a Zipf workload with
 #      64 concurrent clients and a homeserver taking 20 ms per whoami
 #      (deploy/bench/fakehs, deploy/bench/zipf).
+#   6. The operator's view: whoami from the project's real Synapse
+#      (deploy/local/synapse.sh, SQLite, 64 users) directly and through the
+#      proxy, with a warm cache (CACHE_TTL=1h) and with one short enough that
+#      misses happen (CACHE_TTL=5s), in rounds of direct, warm, short, short,
+#      warm, direct; Synapse and the proxies share one core. Throughput,
+#      p50/p99 (wrk --latency) and Synapse's CPU-seconds per 1,000 whoami.
 #
 # It prints "goal | measured | target | PASS/FAIL" and exits 1 when a goal
 # is missed, after profiling (pprof) what missed it. Knobs, all optional:
 #   BENCH_ROUNDS=10 BENCH_RUN_SECS=1 BENCH_CONNS=50   rounds (A B B A, one wrk
 #                                                     run of RUN_SECS each) and wrk load
-#   BENCH_GOALS="1 2 3 4 5"   which goals to measure
+#   BENCH_GOALS="1 2 3 4 5 6" which goals to measure
 #   BENCH_SUT_CPU=0 BENCH_LOAD_CPU=1                    the two cores
 #   BENCH_PROFILE=auto|1|0    profile misses (auto), everything (1), nothing (0)
 #   BENCH_GO=1|0              run the Go benchmarks
@@ -45,7 +51,7 @@ SUT_CPU=${BENCH_SUT_CPU:-0}
 LOAD_CPU=${BENCH_LOAD_CPU:-1}
 PROFILE=${BENCH_PROFILE:-auto}
 GOBENCH=${BENCH_GO:-1}
-GOALS=" ${BENCH_GOALS:-1 2 3 4 5} "
+GOALS=" ${BENCH_GOALS:-1 2 3 4 5 6} "
 HEAP_TOKENS=${BENCH_HEAP_TOKENS:-1000000}
 HEAP_USERS=${BENCH_HEAP_USERS:-300000}
 GO=${GO:-go}
@@ -93,10 +99,14 @@ start() {
   pids+=($!)
 }
 
+# freeport: a port nothing listens on, below Linux's ephemeral range (32768
+# and up by default): a port some outgoing connection holds as its source
+# cannot be bound, yet refuses connections like a free one.
 freeport() {
-  local p
+  local p lo
+  read -r lo _ </proc/sys/net/ipv4/ip_local_port_range
   for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 20000))
+    p=$((20000 + RANDOM % (lo > 21000 ? lo - 20000 : 12000)))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && ! grep -qw "$p" "$out/ports" 2>/dev/null; then
       echo "$p" >>"$out/ports"
       echo "$p"
@@ -445,6 +455,95 @@ if want_goal 5; then
   read -r _ zc < <(grep '^hs_whoami_calls' "$out/zipf.txt")
   goal "5. homeserver whoami calls / distinct tokens (Zipf, 64 clients, 20 ms homeserver)" \
     "$(printf '%.4f (%d calls for %d tokens)' "$zr" "$zc" "$zd")" "≤ 1.05" "$(le "$zr" 1.05)"
+fi
+
+# ---------------------------------------------------------------- goal 6
+# syn_run URL SECS PID...: one wrk run (64 connections, the 64 users'
+# tokens in turn) from LOAD_CPU; prints "req/s p50-ms p99-ms
+# synapse-cpu-s-per-1000 requests", the CPU of the processes PID (Synapse)
+# over the requests made.
+syn_run() {
+  local url=$1 secs=$2 j0 j1
+  shift 2
+  j0=$(proc_jiffies "$@")
+  BENCH_TOKENS_FILE="$out/synapse-tokens" taskset -c "$LOAD_CPU" wrk -t1 -c64 -d"${secs}s" --latency \
+    -s "$repo/deploy/bench/wrk/tokens.lua" "$url" >"$out/wrk.last" 2>&1
+  j1=$(proc_jiffies "$@")
+  cat "$out/wrk.last" >>"$out/wrk-synapse.log"
+  if grep -qE 'Non-2xx|Socket errors' "$out/wrk.last"; then
+    echo "bench.sh: wrk against $url saw errors:" >&2
+    cat "$out/wrk.last" >&2
+    exit 1
+  fi
+  awk -v j=$((j1 - j0)) -v hz="$(getconf CLK_TCK)" '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    $1 == "50.000%" { p50 = ms($2) } $1 == "99.000%" { p99 = ms($2) }
+    $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+    / requests in / { n = $1 } /^Requests\/sec/ { rps = $2 }
+    END { printf "%s %.3f %.3f %.4f %d\n", rps, p50, p99, (n > 0 ? 1000 * j / hz / n : 0), n }' "$out/wrk.last"
+}
+if want_goal 6; then
+  say "goal 6: whoami from the real Synapse (deploy/local/synapse.sh), directly and through the proxy; Synapse and proxies on CPU $SUT_CPU"
+  SYN=$(freeport) PW=$(freeport) PWA=$(freeport) PS=$(freeport) PSA=$(freeport)
+  export SYNAPSE_DATA="$out/synapse" SYNAPSE_PORT=$SYN SYNAPSE_BCRYPT_ROUNDS=4
+  taskset -c "$SUT_CPU" deploy/local/synapse.sh start >"$out/synapse-start.log" 2>&1 ||
+    { echo "bench.sh: Synapse did not start; see $out/synapse-start.log" >&2; exit 1; }
+  SYN_PID=$(tr -dc '0-9' <"$SYNAPSE_DATA/synapse.pid")
+  pids+=("$SYN_PID")
+  : >"$out/synapse-tokens"
+  for i in $(seq 64); do
+    deploy/local/synapse.sh register "bench$i" "bench-password-$i" 2>>"$out/synapse-start.log" |
+      sed -n 's/.*"access_token": *"\([^"]*\)".*/\1/p' >>"$out/synapse-tokens"
+  done
+  if [ "$(grep -c . "$out/synapse-tokens")" != 64 ]; then
+    echo "bench.sh: registering 64 users on Synapse failed; see $out/synapse-start.log" >&2
+    exit 1
+  fi
+  syn_proxy=(UPSTREAM_URL="http://127.0.0.1:$SYN" RATE_LIMIT_RPS=0 LOG_LEVEL=warn SHUTDOWN_DELAY=0s GOMAXPROCS=1)
+  start "$SUT_CPU" proxy-synapse-warm env "${syn_proxy[@]}" LISTEN_ADDR="127.0.0.1:$PW" ADMIN_ADDR="127.0.0.1:$PWA" CACHE_TTL=1h "$out/matrix-auth-proxy"
+  start "$SUT_CPU" proxy-synapse-short env "${syn_proxy[@]}" LISTEN_ADDR="127.0.0.1:$PS" ADMIN_ADDR="127.0.0.1:$PSA" CACHE_TTL=5s "$out/matrix-auth-proxy"
+  tok1=$(head -1 "$out/synapse-tokens")
+  wait_up "http://127.0.0.1:$SYN$whoami" "$tok1"
+  wait_up "http://127.0.0.1:$PW$whoami" "$tok1"
+  wait_up "http://127.0.0.1:$PS$whoami" "$tok1"
+  for u in "$SYN" "$PW" "$PS"; do syn_run "http://127.0.0.1:$u" 1 "$SYN_PID" >/dev/null; done # warm up, fill the caches
+  : >"$out/synapse.rounds"
+  for r in $(seq "$ROUNDS"); do
+    for c in direct:$SYN warm:$PW short:$PS short:$PS warm:$PW direct:$SYN; do
+      echo "${c%%:*} $(syn_run "http://127.0.0.1:${c#*:}" "$SECS" "$SYN_PID")"
+    done >"$out/round.runs"
+    awk -v r="$r" '{ n[$1]++; rps[$1] += $2; p50[$1] += $3; p99[$1] += $4; cpu[$1] += $5 }
+      END {
+        for (k in n) { rps[k] /= n[k]; p50[k] /= n[k]; p99[k] /= n[k]; cpu[k] /= n[k] }
+        printf "synapse round %2d: direct %6.0f req/s (%.2f ms p50, %.4f CPU-s/1000) | warm %7.0f (%.0fx, %.4f) | 5s TTL %7.0f (%.1fx, %.4f)\n",
+          r, rps["direct"], p50["direct"], cpu["direct"], rps["warm"], rps["warm"] / rps["direct"], cpu["warm"], rps["short"], rps["short"] / rps["direct"], cpu["short"] > "/dev/stderr"
+        # 1-3 req/s direct warm short, 4-5 warm/direct short/direct, 6-8 p50 ms, 9-11 p99 ms, 12-14 Synapse CPU-s per 1000
+        printf "%s %s %s %.3f %.3f %s %s %s %s %s %s %s %s %s\n", rps["direct"], rps["warm"], rps["short"],
+          rps["warm"] / rps["direct"], rps["short"] / rps["direct"], p50["direct"], p50["warm"], p50["short"],
+          p99["direct"], p99["warm"], p99["short"], cpu["direct"], cpu["warm"], cpu["short"]
+      }' "$out/round.runs" >>"$out/synapse.rounds"
+  done
+  col() { stats "$out/synapse.rounds" "$1"; }
+  read -r sd _ _ < <(col 1)
+  read -r sw _ _ < <(col 2)
+  read -r ss _ _ < <(col 3)
+  read -r rw rwlo rwhi < <(col 4)
+  read -r rs rslo rshi < <(col 5)
+  read -r pd _ _ < <(col 6)
+  read -r pw _ _ < <(col 7)
+  read -r pss _ _ < <(col 8)
+  read -r qd _ _ < <(col 9)
+  read -r qw _ _ < <(col 10)
+  read -r qs _ _ < <(col 11)
+  read -r cd _ _ < <(col 12)
+  read -r cw _ _ < <(col 13)
+  read -r cs _ _ < <(col 14)
+  goal "6. Synapse whoami through the proxy (warm cache, CACHE_TTL=1h) / directly, 64 users, one shared core (median of $ROUNDS rounds; min–max)" \
+    "$(printf '%.1fx (%.1f–%.1f; %.0f vs %.0f req/s)' "$rw" "$rwlo" "$rwhi" "$sw" "$sd")" "≥ 20x" "$(ge "$rw" 20)"
+  info "6. same with CACHE_TTL=5s (misses happen)" "$(printf '%.1fx (%.1f–%.1f; %.0f req/s)' "$rs" "$rslo" "$rshi" "$ss")"
+  info "6. p50 / p99 latency: direct; warm; 5s TTL" "$(printf '%.2f / %.2f ms; %.2f / %.2f ms; %.2f / %.2f ms' "$pd" "$qd" "$pw" "$qw" "$pss" "$qs")"
+  info "6. Synapse CPU-seconds per 1,000 whoami: direct; warm; 5s TTL (CPU taken off the homeserver)" \
+    "$(awk -v d="$cd" -v w="$cw" -v s="$cs" 'BEGIN { printf "%.4f; %.4f; %.4f (warm %.1f%% off, 5s TTL %.1f%% off)", d, w, s, (d > 0 ? 100 * (1 - w / d) : 0), (d > 0 ? 100 * (1 - s / d) : 0) }')"
 fi
 
 # ---------------------------------------------------------------- goal 4
