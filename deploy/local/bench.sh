@@ -16,6 +16,12 @@
 #      (deploy/bench/plainproxy), net/http answering the passthrough's bytes
 #      itself with no upstream (the ceiling of any net/http proxy), and Go
 #      forwarding without net/http (deploy/bench/rawforward), each vs nginx.
+#      The passthrough is compared by requests per CPU-second of each server
+#      process (the primary figure; throughput alongside) with nginx, HAProxy
+#      (Debian) and Caddy's reverse_proxy, a Go peer built from a current
+#      release (BENCH_CADDY_VERSION) with the same Go toolchain as the proxy:
+#      the script builds it once with go install from the Go module proxy
+#      into ~/.cache/matrix-auth-proxy/caddy-VERSION-GOVERSION/.
 #   3. Latency a cached whoami adds over the minimal server, requests
 #      alternating between the two at a moderate fixed rate (deploy/bench/latency).
 #   4. Heap per cached token at 1,000,000 tokens over 300,000 users, filled
@@ -39,6 +45,7 @@
 #   BENCH_PROFILE=auto|1|0    profile misses (auto), everything (1), nothing (0)
 #   BENCH_GO=1|0              run the Go benchmarks
 #   BENCH_HEAP_TOKENS=1000000 BENCH_HEAP_USERS=300000
+#   BENCH_CADDY_VERSION=v2.11.9                        the Go peer's release
 #   BENCH_OUT=dir             where logs and profiles go (default /tmp/…)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -55,6 +62,7 @@ GOALS=" ${BENCH_GOALS:-1 2 3 4 5 6} "
 HEAP_TOKENS=${BENCH_HEAP_TOKENS:-1000000}
 HEAP_USERS=${BENCH_HEAP_USERS:-300000}
 GO=${GO:-go}
+CADDY_VERSION=${BENCH_CADDY_VERSION:-v2.11.9}
 out=${BENCH_OUT:-/tmp/matrix-auth-proxy-bench-$(date +%Y%m%d-%H%M%S)}
 
 say() { printf '\n== %s\n' "$*"; }
@@ -70,6 +78,7 @@ fi
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
@@ -216,6 +225,24 @@ summarize() {
   echo "$m"
 }
 
+# summarize_cpu NUMBER NAME WHAT TARGET: like summarize, but the goal is
+# on the ratio of requests per CPU-second of each server process, and the
+# throughput ratio is the info row.
+summarize_cpu() {
+  local n=$1 name=$2 what=$3 target=$4 m lo hi ra rb oa ob c clo chi dist
+  read -r m lo hi < <(stats "$out/$name.rounds" 3)
+  read -r ra _ _ < <(stats "$out/$name.rounds" 1)
+  read -r rb _ _ < <(stats "$out/$name.rounds" 2)
+  read -r oa _ _ < <(stats "$out/$name.rounds" 4)
+  read -r ob _ _ < <(stats "$out/$name.rounds" 5)
+  read -r c clo chi < <(stats "$out/$name.rounds" 6)
+  dist=$(awk '{ d += $7 } END { print d + 0 }' "$out/$name.rounds")
+  goal "$n. $what, requests per CPU-second of each server process (median of $ROUNDS rounds; min–max; own CPU $oa% vs $ob%, $dist rounds disturbed)" \
+    "$(printf '%.3f (%.3f–%.3f)' "$c" "$clo" "$chi")" "≥ $target" "$(ge "$c" "$target")"
+  info "$n. same, throughput" "$(printf '%.3f (%.3f–%.3f; %.0f vs %.0f req/s)' "$m" "$lo" "$hi" "$ra" "$rb")"
+  echo "$c"
+}
+
 # reference LABEL NAME: an info row with the median ratios of rounds NAME.
 reference() {
   local m lo hi c clo chi
@@ -265,6 +292,22 @@ if [ "$GOBENCH" = 1 ]; then
   goal "cache lookup allocs/op (tokencache BenchmarkHit)" "${hit_allocs:-?}" "0" "$([ "${hit_allocs:-1}" = 0 ] && echo 1 || echo 0)"
   goal "cached whoami allocs/op (proxy BenchmarkWhoamiHit)" "${whoami_allocs:-?}" "0" "$([ "${whoami_allocs:-1}" = 0 ] && echo 1 || echo 0)"
   info "homeserver fetches per 64 concurrent misses of one key (BenchmarkMissSingleflight)" "${fetches:-?}"
+  say "Go benchmarks on more cores: go test -run XXX -bench Parallel -cpu 1,2,4 -count 3 ./tokencache/"
+  $GO test -count=3 -run XXX -bench Parallel -cpu 1,2,4 ./tokencache/ | tee "$out/gobench-cpu.txt"
+  # scaling NAME: throughput at 2 cores / 1 core (medians of ns/op).
+  scaling() {
+    awk -v n="Benchmark$1" '
+      $1 == n { one[++a] = $3 } $1 == n "-2" { two[++b] = $3 }
+      function med(v, k,   i, j, t) { for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+        return (k % 2) ? v[(k + 1) / 2] : (v[k / 2] + v[k / 2 + 1]) / 2 }
+      END { if (a && b) printf "%.2f", med(one, a) / med(two, b); else print "?" }' "$out/gobench-cpu.txt"
+  }
+  sk=$(scaling KeyParallel)
+  sh=$(scaling HitParallel)
+  goal "parallel cached lookup (tokencache BenchmarkHitParallel: key hash and Get), throughput at -cpu 2 / -cpu 1" \
+    "${sh}x (the key hash alone, which shares nothing, scaled ${sk}x: what this machine gave)" "≥ 1.8x" "$(ge "${sh/\?/0}" 1.8)"
+  info "Get alone (BenchmarkGetParallel); mixed hits, misses, invalidations (BenchmarkMixedParallel): -cpu 2 / -cpu 1" \
+    "$(scaling GetParallel)x; $(scaling MixedParallel)x"
 fi
 
 # ---------------------------------------------------------------- servers
@@ -402,8 +445,37 @@ fi
 if want_goal 2; then
   say "goal 2: passthrough GET $pass (~1 KiB), proxy vs nginx proxy_pass ($ROUNDS rounds of A B B A × ${SECS}s)"
   rounds passthrough "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
-  summarize 2 passthrough "passthrough throughput / nginx proxy_pass" 0.65 >"$out/g2"
+  summarize_cpu 2 passthrough "passthrough / nginx proxy_pass" 0.45 >"$out/g2"
   g2=$(cat "$out/g2")
+  say "goal 2: the same passthrough, proxy vs HAProxy (Debian, nbthread 1)"
+  HAP=$(freeport)
+  printf '%s\n' 'global' '  nbthread 1' 'defaults' '  mode http' '  option http-keep-alive' '  option forwardfor' \
+    '  timeout connect 5s' '  timeout client 30s' '  timeout server 30s' \
+    'frontend front' "  bind 127.0.0.1:$HAP" '  default_backend up' 'backend up' "  server up 127.0.0.1:$UP" >"$out/haproxy.cfg"
+  start "$SUT_CPU" haproxy haproxy -db -f "$out/haproxy.cfg"
+  HAP_PID=${pids[-1]}
+  wait_up "http://127.0.0.1:$HAP$pass"
+  passthrough_same HAP
+  rounds passthrough-haproxy "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$HAP" "$HAP_PID"
+  summarize_cpu 2 passthrough-haproxy "passthrough / HAProxy $(haproxy -v 2>/dev/null | awk 'NR == 1 { print $3 }')" 0.45 >/dev/null
+  kill "$HAP_PID" 2>/dev/null || true
+  say "goal 2: the same passthrough, proxy vs Caddy $CADDY_VERSION reverse_proxy (built with $($GO env GOVERSION))"
+  caddy_dir="${XDG_CACHE_HOME:-$HOME/.cache}/matrix-auth-proxy/caddy-$CADDY_VERSION-$($GO env GOVERSION)"
+  if [ ! -x "$caddy_dir/caddy" ]; then
+    echo "building Caddy $CADDY_VERSION from the Go module proxy into $caddy_dir (once)"
+    mkdir -p "$caddy_dir"
+    (cd "$caddy_dir" && GOBIN="$caddy_dir" CGO_ENABLED=0 GOFLAGS= $GO install -trimpath "github.com/caddyserver/caddy/v2/cmd/caddy@$CADDY_VERSION")
+  fi
+  CAD=$(freeport)
+  printf '%s\n' '{' '  admin off' '  auto_https off' '  persist_config off' '}' \
+    "http://127.0.0.1:$CAD {" "  reverse_proxy 127.0.0.1:$UP" '}' >"$out/Caddyfile"
+  start "$SUT_CPU" caddy env GOMAXPROCS=1 HOME="$out" XDG_DATA_HOME="$out" XDG_CONFIG_HOME="$out" "$caddy_dir/caddy" run --adapter caddyfile --config "$out/Caddyfile"
+  CAD_PID=${pids[-1]}
+  wait_up "http://127.0.0.1:$CAD$pass"
+  passthrough_same CAD
+  rounds passthrough-caddy "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$CAD" "$CAD_PID"
+  summarize_cpu 2 passthrough-caddy "passthrough / Caddy $CADDY_VERSION reverse_proxy (same Go)" 1.5 >/dev/null
+  kill "$CAD_PID" 2>/dev/null || true
   say "goal 2, for reference: a plain httputil.ReverseProxy (deploy/bench/plainproxy) vs nginx, and the proxy vs it"
   rounds passthrough-plain "$pass" "http://127.0.0.1:$PLAIN" "$PLAIN_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
   reference "2. plain httputil.ReverseProxy / nginx proxy_pass (Go's floor)" passthrough-plain
@@ -574,7 +646,7 @@ profile_serve() {
 }
 want_profile() { [ "$PROFILE" = 1 ] || { [ "$PROFILE" = auto ] && [ "$1" = 0 ]; }; }
 if want_profile "$(ge "$g1" 0.9)" || want_profile "$(le "$l50" 50)"; then profile_serve whoami "$whoami"; fi
-if want_profile "$(ge "$g2" 0.65)"; then profile_serve passthrough "$pass"; fi
+if want_profile "$(ge "$g2" 0.45)"; then profile_serve passthrough "$pass"; fi
 if want_profile "$(le "${heap:-99999}" 350)"; then
   say "pprof: what a cached token holds (200,000 tokens, go tool pprof -sample_index=inuse_space)"
   HEAP_TOKENS=200000 HEAP_USERS=60000 HEAP_PROFILE="$out/heap.pprof" "$out/proxy.test" -test.run '^TestHeapPerTokenProduction$' >/dev/null
