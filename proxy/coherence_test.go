@@ -1,0 +1,557 @@
+package proxy
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
+)
+
+// The coherence check: operations run through the proxy against modelHS
+// (model_test.go), and after every step, for every token ever issued, a
+// whoami through the proxy must answer what the model answers, except
+// where the README's "Limits" says the proxy cannot know; and a step must
+// not make the entries of users it does not concern vanish (counted as
+// whoami calls reaching the model).
+
+// opKind is an operation of the language.
+type opKind uint8
+
+const (
+	opLogin             opKind = iota // user A, device B (0: new), B&0x80 refreshable
+	opWhoami                          // token A, B: header/query, masquerade
+	opLogout                          // token A
+	opLogoutAll                       // token A
+	opDeleteDevice                    // token A deletes the device of token B; B&1: no auth (refused)
+	opDeleteDevices                   // the same with POST delete_devices
+	opPassword                        // token A; B&1: no auth, B&2: logout_devices false
+	opDeactivate                      // token A; B&1: no auth
+	opAdminDeactivate                 // token A deactivates user B (Synapse admin API)
+	opAdminDeleteDevice               // token A deletes the device of token B (admin API)
+	opMASDeleteDevice                 // MAS deletes the device of token B
+	opMASDeleteUser                   // MAS deletes user B
+	opBehindBack                      // on the homeserver directly: B%3 revokes token A, its device, its user
+	opAdvance                         // time passes: A%90+1 seconds
+	opUse                             // token A makes a non-whoami request (GET /sync)
+	opRefresh                         // the refresh token of token A
+	opRestart                         // the proxy restarts (empty cache)
+	numOps
+)
+
+var opNames = [numOps]string{
+	"opLogin", "opWhoami", "opLogout", "opLogoutAll", "opDeleteDevice", "opDeleteDevices",
+	"opPassword", "opDeactivate", "opAdminDeactivate", "opAdminDeleteDevice", "opMASDeleteDevice",
+	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart",
+}
+
+type modelOp struct {
+	Kind opKind
+	A, B uint8
+}
+
+func (o modelOp) String() string { return fmt.Sprintf("{%s, %d, %d}", opNames[o.Kind], o.A, o.B) }
+
+// maxModelOps bounds a sequence decoded from fuzz input.
+const maxModelOps = 48
+
+// decodeOps reads three bytes per operation.
+func decodeOps(data []byte) []modelOp {
+	var ops []modelOp
+	for i := 0; i+2 < len(data) && len(ops) < maxModelOps; i += 3 {
+		ops = append(ops, modelOp{opKind(data[i] % byte(numOps)), data[i+1], data[i+2]})
+	}
+	return ops
+}
+
+func encodeOps(ops []modelOp) []byte {
+	var b []byte
+	for _, o := range ops {
+		b = append(b, byte(o.Kind), o.A, o.B)
+	}
+	return b
+}
+
+const (
+	modelTTL         = 2 * time.Minute
+	modelNegativeTTL = 10 * time.Second
+)
+
+// coherenceRig is one proxy in front of a modelHS, and what the check
+// knows about each token.
+type coherenceRig struct {
+	clock  *fakeClock
+	hs     *modelHS
+	cfg    Config
+	front  *httptest.Server
+	client *http.Client
+	tr     *http.Transport
+	// per access token:
+	expKnown map[string]bool      // the proxy saw its expiry announced
+	behindAt map[string]time.Time // revoked behind the proxy's back, not used since
+	lastGood map[string]string    // the last positive answer the proxy gave, by check key
+	cached   map[string]bool      // positive at the last check (so cached)
+}
+
+func newCoherenceRig(tb testing.TB) *coherenceRig {
+	tb.Helper()
+	r := &coherenceRig{clock: &fakeClock{t: time.Unix(1_700_000_000, 0)},
+		expKnown: map[string]bool{}, behindAt: map[string]time.Time{}, lastGood: map[string]string{}, cached: map[string]bool{}}
+	r.hs = newModelHS(r.clock.Now)
+	hasher, err := tokencache.NewHasher([]byte("test hash key, 32 bytes long...."))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	u, _ := url.Parse(r.hs.srv.URL)
+	r.cfg = Config{
+		Upstream: u, Transport: upstream.NewTransport(5 * time.Second), Hasher: hasher,
+		Cache: tokencache.Config{Size: 1000, TTL: modelTTL, NegativeTTL: modelNegativeTTL,
+			LookupTimeout: 5 * time.Second, Now: r.clock.Now},
+		ServerName: modelServer, MASSecret: modelMASToken,
+	}
+	r.tr = &http.Transport{}
+	r.client = &http.Client{Transport: r.tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	r.start(tb)
+	return r
+}
+
+func (r *coherenceRig) start(tb testing.TB) {
+	tb.Helper()
+	cfg := r.cfg
+	cfg.Registerer = prometheus.NewRegistry()
+	p, err := New(cfg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	r.front = httptest.NewServer(p)
+}
+
+func (r *coherenceRig) close() {
+	r.front.Close()
+	r.tr.CloseIdleConnections()
+	if t, ok := r.cfg.Transport.(interface{ CloseIdleConnections() }); ok {
+		t.CloseIdleConnections()
+	}
+	r.hs.srv.Close()
+}
+
+// do sends a request through the proxy.
+func (r *coherenceRig) do(method, path, tok, body string) (int, string, error) {
+	req, err := http.NewRequest(method, r.front.URL+path, strings.NewReader(body))
+	if err != nil {
+		return 0, "", err
+	}
+	if tok != "" {
+		req.Header.Set("Authorization", "Bearer "+tok)
+	}
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// token is the access token an operand names (0 is the appservice's).
+func (r *coherenceRig) token(i uint8) *modelToken {
+	r.hs.mu.Lock()
+	defer r.hs.mu.Unlock()
+	return r.hs.tokens[int(i)%len(r.hs.tokens)]
+}
+
+func modelUser(i uint8) string { return modelUsers[int(i)%len(modelUsers)] }
+
+// step runs one operation; it returns the users whose entries the step may
+// drop or re-fetch (nil with all: every user's).
+func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool, all bool, err error) {
+	affected = map[string]bool{}
+	a, b := r.token(o.A), r.token(o.B)
+	use := func(t *modelToken) { affected[t.user] = true; delete(r.behindAt, t.tok) }
+	uia := func(noAuth bool) string {
+		if noAuth {
+			return ""
+		}
+		return fmt.Sprintf(`"auth":{"type":"m.login.password","password":%q}`, hsPassword)
+	}
+	withAuth := func(fields ...string) string {
+		var nonEmpty []string
+		for _, f := range fields {
+			if f != "" {
+				nonEmpty = append(nonEmpty, f)
+			}
+		}
+		return "{" + strings.Join(nonEmpty, ",") + "}"
+	}
+	before := r.liveSet()
+	switch o.Kind {
+	case opLogin:
+		user := modelUser(o.A)
+		affected[user] = true
+		dev := ""
+		if o.B&0x7f != 0 {
+			dev = fmt.Sprintf(`,"device_id":"D%d"`, o.B&0x7f%3)
+		}
+		body := fmt.Sprintf(`{"type":"m.login.password","user":%q,"password":%q,"refresh_token":%t%s}`, user, hsPassword, o.B&0x80 != 0, dev)
+		status, resp, e := r.do("POST", "/_matrix/client/v3/login", "", body)
+		if e != nil {
+			return nil, false, e
+		}
+		if status == 200 {
+			var lr struct {
+				AccessToken string `json:"access_token"`
+			}
+			_ = json.Unmarshal([]byte(resp), &lr)
+			r.expKnown[lr.AccessToken] = true
+		}
+	case opWhoami:
+		// A whoami is not a use: it does not end a stale answer.
+		affected[a.user] = true
+		path := whoamiV3
+		q := url.Values{}
+		if o.B&1 != 0 {
+			q.Set("access_token", a.tok)
+		}
+		if o.B&2 != 0 {
+			u := modelUser(o.B >> 2)
+			q.Set("user_id", u)
+			affected[u] = true
+		}
+		tok := a.tok
+		if o.B&1 != 0 {
+			tok = ""
+		}
+		if len(q) > 0 {
+			path += "?" + q.Encode()
+		}
+		if _, _, e := r.do("GET", path, tok, ""); e != nil {
+			return nil, false, e
+		}
+	case opLogout:
+		use(a)
+		_, _, err = r.do("POST", "/_matrix/client/v3/logout", a.tok, "{}")
+	case opLogoutAll:
+		use(a)
+		_, _, err = r.do("POST", "/_matrix/client/v3/logout/all", a.tok, "{}")
+	case opDeleteDevice:
+		use(a)
+		_, _, err = r.do("DELETE", "/_matrix/client/v3/devices/"+url.PathEscape(b.device), a.tok, withAuth(uia(o.B&1 != 0)))
+	case opDeleteDevices:
+		use(a)
+		dev, _ := json.Marshal(b.device)
+		_, _, err = r.do("POST", "/_matrix/client/v3/delete_devices", a.tok, withAuth(`"devices":[`+string(dev)+`]`, uia(o.B&1 != 0)))
+	case opPassword:
+		use(a)
+		lo := ""
+		if o.B&2 != 0 {
+			lo = `"logout_devices":false`
+		}
+		_, _, err = r.do("POST", "/_matrix/client/v3/account/password", a.tok, withAuth(`"new_password":"x"`, lo, uia(o.B&1 != 0)))
+	case opDeactivate:
+		use(a)
+		_, _, err = r.do("POST", "/_matrix/client/v3/account/deactivate", a.tok, withAuth(uia(o.B&1 != 0)))
+	case opAdminDeactivate:
+		use(a)
+		u := modelUser(o.B)
+		affected[u] = true
+		_, _, err = r.do("POST", "/_synapse/admin/v1/deactivate/"+url.PathEscape(u), a.tok, `{"erase":false}`)
+	case opAdminDeleteDevice:
+		use(a)
+		affected[b.user] = true
+		_, _, err = r.do("DELETE", "/_synapse/admin/v2/users/"+url.PathEscape(b.user)+"/devices/"+url.PathEscape(b.device), a.tok, "")
+	case opMASDeleteDevice:
+		affected[b.user] = true
+		_, _, err = r.do("POST", "/_synapse/mas/delete_device", modelMASToken,
+			fmt.Sprintf(`{"localpart":%q,"device_id":%q}`, localpartOf(b.user), b.device))
+	case opMASDeleteUser:
+		u := modelUser(o.B)
+		affected[u] = true
+		_, _, err = r.do("POST", "/_synapse/mas/delete_user", modelMASToken, fmt.Sprintf(`{"localpart":%q,"erase":false}`, localpartOf(u)))
+	case opBehindBack:
+		affected[a.user] = true
+		r.hs.mu.Lock()
+		switch o.B % 3 {
+		case 0:
+			r.hs.revokeWhere(func(t *modelToken) bool { return t == a })
+		case 1:
+			r.hs.revokeWhere(func(t *modelToken) bool { return t.user == a.user && t.device == a.device })
+		default:
+			r.hs.revokeWhere(func(t *modelToken) bool { return t.user == a.user })
+		}
+		r.hs.mu.Unlock()
+		r.markBehind(before)
+	case opAdvance:
+		r.clock.Advance(time.Duration(int(o.A)%90+1) * time.Second)
+		return nil, true, nil
+	case opUse:
+		use(a)
+		_, _, err = r.do("GET", "/_matrix/client/v3/sync", a.tok, "")
+	case opRefresh:
+		use(a)
+		if a.refresh == "" {
+			return affected, false, nil
+		}
+		status, resp, e := r.do("POST", "/_matrix/client/v3/refresh", "", fmt.Sprintf(`{"refresh_token":%q}`, a.refresh))
+		if e != nil {
+			return nil, false, e
+		}
+		if status == 200 {
+			var rr struct {
+				AccessToken string `json:"access_token"`
+			}
+			_ = json.Unmarshal([]byte(resp), &rr)
+			r.expKnown[rr.AccessToken] = true
+		}
+		// README: the access token a refresh deletes lives until its
+		// announced expiry or CACHE_TTL.
+		r.markBehind(before)
+	case opRestart:
+		r.front.Close()
+		r.start(tb)
+		clear(r.expKnown)
+		clear(r.cached)
+		return nil, true, nil
+	}
+	return affected, false, err
+}
+
+// liveSet is the set of tokens the model holds valid (ignoring expiry).
+func (r *coherenceRig) liveSet() map[*modelToken]bool {
+	r.hs.mu.Lock()
+	defer r.hs.mu.Unlock()
+	live := map[*modelToken]bool{}
+	for _, t := range r.hs.tokens {
+		if !t.revoked {
+			live[t] = true
+		}
+	}
+	return live
+}
+
+// markBehind records the tokens revoked since before as revoked behind the
+// proxy's back.
+func (r *coherenceRig) markBehind(before map[*modelToken]bool) {
+	for t := range before {
+		if t.revoked {
+			r.behindAt[t.tok] = r.clock.Now()
+		}
+	}
+}
+
+// checkKey is one whoami the check asks: a token, optionally masquerading.
+type checkKey struct {
+	tok    *modelToken
+	asUser string
+}
+
+func (r *coherenceRig) checkKeys() []checkKey {
+	r.hs.mu.Lock()
+	defer r.hs.mu.Unlock()
+	var keys []checkKey
+	for _, t := range r.hs.tokens {
+		keys = append(keys, checkKey{tok: t})
+		if t.appservice {
+			for _, u := range []string{"@bridge_a:hs", "@bridge_b:hs", "@u1:hs"} {
+				keys = append(keys, checkKey{tok: t, asUser: u})
+			}
+		}
+	}
+	return keys
+}
+
+// check asks every key through the proxy and compares with the model.
+func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map[string]int) error {
+	now := r.clock.Now()
+	for _, k := range r.checkKeys() {
+		path := whoamiV3
+		if k.asUser != "" {
+			path += "?user_id=" + url.QueryEscape(k.asUser)
+		}
+		status, body, err := r.do("GET", path, k.tok.tok, "")
+		if err != nil {
+			return err
+		}
+		var got struct {
+			UserID   string `json:"user_id"`
+			DeviceID string `json:"device_id"`
+		}
+		_ = json.Unmarshal([]byte(body), &got)
+		gotS := fmt.Sprintf("%d %s %s", status, got.UserID, got.DeviceID)
+		if status != 200 {
+			gotS = fmt.Sprint(status)
+		}
+		ws, wu, wd := r.hs.answer(k.tok.tok, k.asUser)
+		want := fmt.Sprintf("%d %s %s", ws, wu, wd)
+		if ws != 200 {
+			want = fmt.Sprint(ws)
+		}
+		key := k.tok.tok + "|" + k.asUser
+		name := k.tok.tok
+		if k.asUser != "" {
+			name += " as " + k.asUser
+		}
+		if gotS != want {
+			if ws == 401 && status == 200 && gotS == r.lastGood[key] && r.mayBeStale(k.tok, now) {
+				continue
+			}
+			if status == 401 && ws == 200 {
+				return fmt.Errorf("whoami of %s (%s): proxy says 401, homeserver %s (errs towards 401, but wrongly)", name, k.tok.user, want)
+			}
+			return fmt.Errorf("whoami of %s (%s): proxy says %q, homeserver %q", name, k.tok.user, gotS, want)
+		}
+		if status == 200 {
+			r.lastGood[key] = gotS
+		}
+	}
+	// Entries of users the step does not concern must still be there.
+	if !all {
+		for _, k := range r.checkKeys() {
+			if k.asUser != "" || !r.cached[k.tok.tok] || affected[k.tok.user] {
+				continue
+			}
+			if k.tok.appservice && (affected[modelASUser] || affected["@bridge_a:hs"] || affected["@bridge_b:hs"] || affected["@u1:hs"]) {
+				continue
+			}
+			if st, _, _ := r.hs.answer(k.tok.tok, ""); st != 200 {
+				continue
+			}
+			if n := r.hs.whoamiCount(k.tok.tok) - callsBefore[k.tok.tok+"|"]; n > 0 {
+				return fmt.Errorf("the step made the entry of %s (%s), whom it does not concern, vanish (%d re-fetches)", k.tok.tok, k.tok.user, n)
+			}
+		}
+	}
+	clear(r.cached)
+	for _, k := range r.checkKeys() {
+		if st, _, _ := r.hs.answer(k.tok.tok, ""); st == 200 && k.asUser == "" {
+			r.cached[k.tok.tok] = true
+		}
+	}
+	return nil
+}
+
+// mayBeStale says whether the README lets the proxy still answer a
+// positive whoami for t, which the homeserver no longer accepts.
+func (r *coherenceRig) mayBeStale(t *modelToken, now time.Time) bool {
+	expired := !t.exp.IsZero() && now.After(t.exp)
+	if at, ok := r.behindAt[t.tok]; ok && now.Before(at.Add(modelTTL)) && !(r.expKnown[t.tok] && expired) {
+		return true
+	}
+	// Expiry the proxy did not see announced: a positive answer cached
+	// before the expiry lives at most CACHE_TTL.
+	return expired && !r.expKnown[t.tok] && now.Before(t.exp.Add(modelTTL))
+}
+
+func (r *coherenceRig) calls() map[string]int {
+	r.hs.mu.Lock()
+	defer r.hs.mu.Unlock()
+	return maps.Clone(r.hs.whoamis)
+}
+
+// runCoherence runs ops and returns the first violation, naming the step.
+func runCoherence(tb testing.TB, ops []modelOp) error {
+	tb.Helper()
+	r := newCoherenceRig(tb)
+	defer r.close()
+	if err := r.check(nil, true, nil); err != nil {
+		return fmt.Errorf("before any step: %w", err)
+	}
+	for i, o := range ops {
+		before := r.calls()
+		affected, all, err := r.step(tb, o)
+		if err != nil {
+			return fmt.Errorf("step %d %v: %w", i, o, err)
+		}
+		if err := r.check(affected, all, before); err != nil {
+			return fmt.Errorf("after step %d %v: %w", i, o, err)
+		}
+	}
+	return nil
+}
+
+// shrinkOps finds a shorter sequence that still fails: it drops operations
+// one at a time, then simplifies operands, within a bounded number of runs.
+func shrinkOps(tb testing.TB, ops []modelOp, maxRuns int) ([]modelOp, error) {
+	tb.Helper()
+	err := runCoherence(tb, ops)
+	if err == nil {
+		return ops, nil
+	}
+	runs := 1
+	for changed := true; changed && runs < maxRuns; {
+		changed = false
+		for i := len(ops) - 1; i >= 0 && runs < maxRuns; i-- {
+			cand := append(append([]modelOp(nil), ops[:i]...), ops[i+1:]...)
+			runs++
+			if e := runCoherence(tb, cand); e != nil {
+				ops, err, changed = cand, e, true
+			}
+		}
+		for i := range ops {
+			for _, simpler := range []modelOp{{ops[i].Kind, 0, ops[i].B}, {ops[i].Kind, ops[i].A, 0}} {
+				if simpler == ops[i] || runs >= maxRuns {
+					continue
+				}
+				cand := append([]modelOp(nil), ops...)
+				cand[i] = simpler
+				runs++
+				if e := runCoherence(tb, cand); e != nil {
+					ops, err, changed = cand, e, true
+				}
+			}
+		}
+	}
+	return ops, err
+}
+
+// regressionTest prints ops as a unit test to paste.
+func regressionTest(ops []modelOp, err error) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "// %v\nfunc TestCoherenceRegression(t *testing.T) {\n\tops := []modelOp{\n", err)
+	for _, o := range ops {
+		fmt.Fprintf(&b, "\t\t%v,\n", o)
+	}
+	b.WriteString("\t}\n\tif err := runCoherence(t, ops); err != nil {\n\t\tt.Fatal(err)\n\t}\n}\n")
+	return b.String()
+}
+
+// FuzzCoherence decodes its input into operations and checks the proxy
+// against the model after each. Its seed corpus (testdata/fuzz/
+// FuzzCoherence) runs in go test; go test -fuzz FuzzCoherence ./proxy
+// explores further.
+func FuzzCoherence(f *testing.F) {
+	for _, seed := range coherenceSeeds {
+		f.Add(encodeOps(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		ops := decodeOps(data)
+		if err := runCoherence(t, ops); err != nil {
+			shrunk, serr := shrinkOps(t, ops, 300)
+			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr))
+		}
+	})
+}
+
+// coherenceSeeds are sequences that reach each operation at least once.
+var coherenceSeeds = [][]modelOp{
+	{{opLogin, 1, 0}, {opLogin, 2, 1}, {opWhoami, 1, 0}, {opLogout, 1, 0}, {opWhoami, 2, 1}},
+	{{opLogin, 1, 1}, {opLogin, 1, 2}, {opLogoutAll, 1, 0}, {opLogin, 2, 0}, {opUse, 3, 0}},
+	{{opLogin, 1, 1}, {opLogin, 1, 2}, {opDeleteDevice, 1, 3}, {opDeleteDevice, 1, 2}, {opDeleteDevices, 1, 1}, {opDeleteDevices, 1, 2}},
+	{{opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 0}, {opPassword, 1, 1}, {opPassword, 1, 0}, {opPassword, 3, 2}},
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opDeactivate, 1, 1}, {opDeactivate, 1, 0}, {opDeactivate, 2, 0}},
+	{{opLogin, 0, 0}, {opLogin, 1, 0}, {opLogin, 3, 0}, {opAdminDeactivate, 2, 0}, {opAdminDeactivate, 1, 1}, {opAdminDeleteDevice, 1, 3}},
+	{{opLogin, 1, 1}, {opLogin, 3, 0}, {opMASDeleteDevice, 0, 1}, {opMASDeleteUser, 0, 3}, {opWhoami, 0, 2 | 3<<2}},
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opBehindBack, 1, 0}, {opAdvance, 30, 0}, {opUse, 1, 0}, {opBehindBack, 2, 2}, {opAdvance, 89, 0}, {opAdvance, 89, 0}},
+	{{opLogin, 1, 0x81}, {opAdvance, 10, 0}, {opRefresh, 1, 0}, {opRefresh, 2, 0}, {opAdvance, 25, 0}, {opWhoami, 3, 0}, {opAdvance, 60, 0}},
+	{{opLogin, 1, 0x80}, {opLogin, 2, 0}, {opRestart, 0, 0}, {opAdvance, 40, 0}, {opWhoami, 1, 1}, {opAdvance, 89, 0}, {opAdvance, 89, 0}},
+	{{opLogin, 4, 0}, {opWhoami, 0, 2 | 4<<2}, {opWhoami, 0, 2 | 1<<2}, {opAdminDeactivate, 0, 4}, {opLogin, 0, 0}, {opAdminDeactivate, 2, 4}},
+}
