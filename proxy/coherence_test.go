@@ -480,9 +480,8 @@ func runCoherence(tb testing.TB, ops []modelOp) error {
 
 // shrinkOps finds a shorter sequence that still fails: it drops operations
 // one at a time, then simplifies operands, within a bounded number of runs.
-func shrinkOps(tb testing.TB, ops []modelOp, maxRuns int) ([]modelOp, error) {
-	tb.Helper()
-	err := runCoherence(tb, ops)
+func shrinkOps(ops []modelOp, maxRuns int, run func([]modelOp) error) ([]modelOp, error) {
+	err := run(ops)
 	if err == nil {
 		return ops, nil
 	}
@@ -492,19 +491,23 @@ func shrinkOps(tb testing.TB, ops []modelOp, maxRuns int) ([]modelOp, error) {
 		for i := len(ops) - 1; i >= 0 && runs < maxRuns; i-- {
 			cand := append(append([]modelOp(nil), ops[:i]...), ops[i+1:]...)
 			runs++
-			if e := runCoherence(tb, cand); e != nil {
+			if e := run(cand); e != nil {
 				ops, err, changed = cand, e, true
 			}
 		}
 		for i := range ops {
-			for _, simpler := range []modelOp{{ops[i].Kind, 0, ops[i].B}, {ops[i].Kind, ops[i].A, 0}} {
+			for _, simplify := range []func(modelOp) modelOp{
+				func(o modelOp) modelOp { o.A = 0; return o },
+				func(o modelOp) modelOp { o.B = 0; return o },
+			} {
+				simpler := simplify(ops[i])
 				if simpler == ops[i] || runs >= maxRuns {
 					continue
 				}
 				cand := append([]modelOp(nil), ops...)
 				cand[i] = simpler
 				runs++
-				if e := runCoherence(tb, cand); e != nil {
+				if e := run(cand); e != nil {
 					ops, err, changed = cand, e, true
 				}
 			}
@@ -535,7 +538,7 @@ func FuzzCoherence(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		ops := decodeOps(data)
 		if err := runCoherence(t, ops); err != nil {
-			shrunk, serr := shrinkOps(t, ops, 300)
+			shrunk, serr := shrinkOps(ops, 300, func(ops []modelOp) error { return runCoherence(t, ops) })
 			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr))
 		}
 	})
@@ -554,4 +557,84 @@ var coherenceSeeds = [][]modelOp{
 	{{opLogin, 1, 0x81}, {opAdvance, 10, 0}, {opRefresh, 1, 0}, {opRefresh, 2, 0}, {opAdvance, 25, 0}, {opWhoami, 3, 0}, {opAdvance, 60, 0}},
 	{{opLogin, 1, 0x80}, {opLogin, 2, 0}, {opRestart, 0, 0}, {opAdvance, 40, 0}, {opWhoami, 1, 1}, {opAdvance, 89, 0}, {opAdvance, 89, 0}},
 	{{opLogin, 4, 0}, {opWhoami, 0, 2 | 4<<2}, {opWhoami, 0, 2 | 1<<2}, {opAdminDeactivate, 0, 4}, {opLogin, 0, 0}, {opAdminDeactivate, 2, 4}},
+}
+
+// The check must see what it is there to see: a stale answer the README
+// does not allow, and a step that made other users' entries vanish.
+func TestCoherenceCheckCatches(t *testing.T) {
+	tests := []struct {
+		name   string
+		break_ func(r *coherenceRig) (affected map[string]bool)
+		want   string
+	}{
+		{
+			name: "a revocation the check was not told is behind the proxy's back",
+			break_: func(r *coherenceRig) map[string]bool {
+				r.hs.mu.Lock()
+				r.hs.revokeWhere(func(t *modelToken) bool { return t.user == "@u1:hs" })
+				r.hs.mu.Unlock()
+				return map[string]bool{"@u1:hs": true}
+			},
+			want: `proxy says "200 @u1:hs D1", homeserver "401"`,
+		},
+		{
+			name: "a step concerning @u1 that empties the cache",
+			break_: func(r *coherenceRig) map[string]bool {
+				r.front.Close()
+				r.start(t)
+				return map[string]bool{"@u1:hs": true}
+			},
+			want: "whom it does not concern, vanish",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newCoherenceRig(t)
+			defer r.close()
+			for _, o := range []modelOp{{opLogin, 1, 1}, {opLogin, 2, 2}} {
+				if _, _, err := r.step(t, o); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := r.check(nil, true, nil); err != nil {
+				t.Fatal(err)
+			}
+			before := r.calls()
+			affected := tt.break_(r)
+			err := r.check(affected, false, before)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("check says %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestShrinkOpsPrintsShortestSequence(t *testing.T) {
+	// A stand-in failure: a logout followed, later, by a deactivation.
+	fails := func(ops []modelOp) error {
+		seen := false
+		for _, o := range ops {
+			seen = seen || o.Kind == opLogout
+			if seen && o.Kind == opDeactivate {
+				return fmt.Errorf("failed")
+			}
+		}
+		return nil
+	}
+	var ops []modelOp
+	for i := range 20 {
+		ops = append(ops, modelOp{opKind(i % int(numOps)), uint8(i), uint8(3 * i)})
+	}
+	ops = append(ops, modelOp{opDeactivate, 7, 9})
+	got, err := shrinkOps(ops, 1000, fails)
+	want := []modelOp{{opLogout, 0, 0}, {opDeactivate, 0, 0}}
+	if err == nil || fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("shrunk to %v (%v), want %v", got, err, want)
+	}
+	test := regressionTest(got, err)
+	for _, line := range []string{"func TestCoherenceRegression(t *testing.T) {", "{opLogout, 0, 0},", "{opDeactivate, 0, 0},", "runCoherence(t, ops)"} {
+		if !strings.Contains(test, line) {
+			t.Errorf("printed test lacks %q:\n%s", line, test)
+		}
+	}
 }
