@@ -87,26 +87,40 @@ const (
 	modelNegativeTTL = 10 * time.Second
 )
 
-// coherenceRig is one proxy in front of a modelHS, and what the check
-// knows about each token.
+// coherenceRig is one or more proxy replicas in front of a modelHS, and
+// what the check knows about each token.
 type coherenceRig struct {
-	clock  *fakeClock
-	hs     *modelHS
-	cfg    Config
-	front  *httptest.Server
+	clock    *fakeClock
+	hs       *modelHS
+	cfg      Config
+	replicas []*coherenceReplica
+	// via is the replica the current step goes through.
+	via    int
 	client *http.Client
 	tr     *http.Transport
+	// redis, when set, is the bus the replicas share (coherence_replicas_test.go).
+	redis *coherenceRedis
 	// per access token:
-	expKnown map[string]bool      // the proxy saw its expiry announced
 	behindAt map[string]time.Time // revoked behind the proxy's back, not used since
 	lastGood map[string]string    // the last positive answer the proxy gave, by check key
 	cached   map[string]bool      // positive at the last check (so cached)
 }
 
-func newCoherenceRig(tb testing.TB) *coherenceRig {
+// coherenceReplica is one proxy.
+type coherenceReplica struct {
+	front *httptest.Server
+	// expKnown: the replica saw the token's expiry announced.
+	expKnown map[string]bool
+	// stopBus stops its bus, if any, and waits for it.
+	stopBus func()
+}
+
+func newCoherenceRig(tb testing.TB) *coherenceRig { return newCoherenceRigN(tb, 1, nil) }
+
+func newCoherenceRigN(tb testing.TB, n int, redis *coherenceRedis) *coherenceRig {
 	tb.Helper()
-	r := &coherenceRig{clock: &fakeClock{t: time.Unix(1_700_000_000, 0)},
-		expKnown: map[string]bool{}, behindAt: map[string]time.Time{}, lastGood: map[string]string{}, cached: map[string]bool{}}
+	r := &coherenceRig{clock: &fakeClock{t: time.Unix(1_700_000_000, 0)}, redis: redis,
+		behindAt: map[string]time.Time{}, lastGood: map[string]string{}, cached: map[string]bool{}}
 	r.hs = newModelHS(r.clock.Now)
 	hasher, err := tokencache.NewHasher([]byte("test hash key, 32 bytes long...."))
 	if err != nil {
@@ -121,23 +135,40 @@ func newCoherenceRig(tb testing.TB) *coherenceRig {
 	}
 	r.tr = &http.Transport{}
 	r.client = &http.Client{Transport: r.tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	r.start(tb)
+	r.replicas = make([]*coherenceReplica, n)
+	for i := range n {
+		r.start(tb, i)
+	}
 	return r
 }
 
-func (r *coherenceRig) start(tb testing.TB) {
+// start starts replica i, afresh.
+func (r *coherenceRig) start(tb testing.TB, i int) {
 	tb.Helper()
+	rep := &coherenceReplica{expKnown: map[string]bool{}, stopBus: func() {}}
 	cfg := r.cfg
-	cfg.Registerer = prometheus.NewRegistry()
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
+	publish := r.attachBus(tb, &cfg, reg, rep)
 	p, err := New(cfg)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	r.front = httptest.NewServer(p)
+	publish(p)
+	rep.front = httptest.NewServer(p)
+	r.replicas[i] = rep
+}
+
+// stop stops replica i.
+func (r *coherenceRig) stop(i int) {
+	r.replicas[i].front.Close()
+	r.replicas[i].stopBus()
 }
 
 func (r *coherenceRig) close() {
-	r.front.Close()
+	for i := range r.replicas {
+		r.stop(i)
+	}
 	r.tr.CloseIdleConnections()
 	if t, ok := r.cfg.Transport.(interface{ CloseIdleConnections() }); ok {
 		t.CloseIdleConnections()
@@ -147,7 +178,11 @@ func (r *coherenceRig) close() {
 
 // do sends a request through the proxy.
 func (r *coherenceRig) do(method, path, tok, body string) (int, string, error) {
-	req, err := http.NewRequest(method, r.front.URL+path, strings.NewReader(body))
+	return r.doVia(r.via, method, path, tok, body)
+}
+
+func (r *coherenceRig) doVia(i int, method, path, tok, body string) (int, string, error) {
+	req, err := http.NewRequest(method, r.replicas[i].front.URL+path, strings.NewReader(body))
 	if err != nil {
 		return 0, "", err
 	}
@@ -212,7 +247,7 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 				AccessToken string `json:"access_token"`
 			}
 			_ = json.Unmarshal([]byte(resp), &lr)
-			r.expKnown[lr.AccessToken] = true
+			r.replicas[r.via].expKnown[lr.AccessToken] = true
 		}
 	case opWhoami:
 		// A whoami is not a use: it does not end a stale answer.
@@ -297,7 +332,8 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		use(a)
 		_, _, err = r.do("GET", "/_matrix/client/v3/sync", a.tok, "")
 	case opRefresh:
-		use(a)
+		// A refresh carries no access token: not a use of a.
+		affected[a.user] = true
 		if a.refresh == "" {
 			return affected, false, nil
 		}
@@ -310,16 +346,14 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 				AccessToken string `json:"access_token"`
 			}
 			_ = json.Unmarshal([]byte(resp), &rr)
-			r.expKnown[rr.AccessToken] = true
+			r.replicas[r.via].expKnown[rr.AccessToken] = true
 		}
 		// README: the access token a refresh deletes lives until its
 		// announced expiry or CACHE_TTL.
 		r.markBehind(before)
 	case opRestart:
-		r.front.Close()
-		r.start(tb)
-		clear(r.expKnown)
-		clear(r.cached)
+		r.stop(r.via)
+		r.start(tb, r.via)
 		return nil, true, nil
 	}
 	return affected, false, err
@@ -372,45 +406,22 @@ func (r *coherenceRig) checkKeys() []checkKey {
 // check asks every key through the proxy and compares with the model.
 func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map[string]int) error {
 	now := r.clock.Now()
-	for _, k := range r.checkKeys() {
-		path := whoamiV3
-		if k.asUser != "" {
-			path += "?user_id=" + url.QueryEscape(k.asUser)
-		}
-		status, body, err := r.do("GET", path, k.tok.tok, "")
-		if err != nil {
-			return err
-		}
-		var got struct {
-			UserID   string `json:"user_id"`
-			DeviceID string `json:"device_id"`
-		}
-		_ = json.Unmarshal([]byte(body), &got)
-		gotS := fmt.Sprintf("%d %s %s", status, got.UserID, got.DeviceID)
-		if status != 200 {
-			gotS = fmt.Sprint(status)
-		}
-		ws, wu, wd := r.hs.answer(k.tok.tok, k.asUser)
-		want := fmt.Sprintf("%d %s %s", ws, wu, wd)
-		if ws != 200 {
-			want = fmt.Sprint(ws)
-		}
-		key := k.tok.tok + "|" + k.asUser
-		name := k.tok.tok
-		if k.asUser != "" {
-			name += " as " + k.asUser
-		}
-		if gotS != want {
-			if ws == 401 && status == 200 && gotS == r.lastGood[key] && r.mayBeStale(k.tok, now) {
-				continue
+	for i := range r.replicas {
+		for _, k := range r.checkKeys() {
+			err := r.checkOne(i, k, now)
+			// Another replica learns of the step over the bus, a moment
+			// later: it is checked again until it agrees, a bounded number
+			// of times (a quiescent point, not a deadline).
+			for try := 0; err != nil && r.redis != nil && i != r.via && try < coherenceBusTries; try++ {
+				time.Sleep(20 * time.Millisecond)
+				err = r.checkOne(i, k, now)
 			}
-			if status == 401 && ws == 200 {
-				return fmt.Errorf("whoami of %s (%s): proxy says 401, homeserver %s (errs towards 401, but wrongly)", name, k.tok.user, want)
+			if err != nil {
+				if len(r.replicas) > 1 {
+					err = fmt.Errorf("replica %d: %w", i, err)
+				}
+				return err
 			}
-			return fmt.Errorf("whoami of %s (%s): proxy says %q, homeserver %q", name, k.tok.user, gotS, want)
-		}
-		if status == 200 {
-			r.lastGood[key] = gotS
 		}
 	}
 	// Entries of users the step does not concern must still be there.
@@ -439,16 +450,64 @@ func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map
 	return nil
 }
 
+// coherenceBusTries bounds the re-checks of a replica waiting for the bus.
+const coherenceBusTries = 250
+
+// checkOne asks one whoami through replica i and compares with the model.
+func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time) error {
+	path := whoamiV3
+	if k.asUser != "" {
+		path += "?user_id=" + url.QueryEscape(k.asUser)
+	}
+	status, body, err := r.doVia(i, "GET", path, k.tok.tok, "")
+	if err != nil {
+		return err
+	}
+	var got struct {
+		UserID   string `json:"user_id"`
+		DeviceID string `json:"device_id"`
+	}
+	_ = json.Unmarshal([]byte(body), &got)
+	gotS := fmt.Sprintf("%d %s %s", status, got.UserID, got.DeviceID)
+	if status != 200 {
+		gotS = fmt.Sprint(status)
+	}
+	ws, wu, wd := r.hs.answer(k.tok.tok, k.asUser)
+	want := fmt.Sprintf("%d %s %s", ws, wu, wd)
+	if ws != 200 {
+		want = fmt.Sprint(ws)
+	}
+	key := fmt.Sprintf("%d|%s|%s", i, k.tok.tok, k.asUser)
+	name := k.tok.tok
+	if k.asUser != "" {
+		name += " as " + k.asUser
+	}
+	if gotS != want {
+		if ws == 401 && status == 200 && gotS == r.lastGood[key] && r.mayBeStale(i, k.tok, now) {
+			return nil
+		}
+		if status == 401 && ws == 200 {
+			return fmt.Errorf("whoami of %s (%s): proxy says 401, homeserver %s (errs towards 401, but wrongly)", name, k.tok.user, want)
+		}
+		return fmt.Errorf("whoami of %s (%s): proxy says %q, homeserver %q", name, k.tok.user, gotS, want)
+	}
+	if status == 200 {
+		r.lastGood[key] = gotS
+	}
+	return nil
+}
+
 // mayBeStale says whether the README lets the proxy still answer a
 // positive whoami for t, which the homeserver no longer accepts.
-func (r *coherenceRig) mayBeStale(t *modelToken, now time.Time) bool {
+func (r *coherenceRig) mayBeStale(i int, t *modelToken, now time.Time) bool {
+	expKnown := r.replicas[i].expKnown
 	expired := !t.exp.IsZero() && now.After(t.exp)
-	if at, ok := r.behindAt[t.tok]; ok && now.Before(at.Add(modelTTL)) && !(r.expKnown[t.tok] && expired) {
+	if at, ok := r.behindAt[t.tok]; ok && now.Before(at.Add(modelTTL)) && !(expKnown[t.tok] && expired) {
 		return true
 	}
 	// Expiry the proxy did not see announced: a positive answer cached
 	// before the expiry lives at most CACHE_TTL.
-	return expired && !r.expKnown[t.tok] && now.Before(t.exp.Add(modelTTL))
+	return expired && !expKnown[t.tok] && now.Before(t.exp.Add(modelTTL))
 }
 
 func (r *coherenceRig) calls() map[string]int {
@@ -580,8 +639,8 @@ func TestCoherenceCheckCatches(t *testing.T) {
 		{
 			name: "a step concerning @u1 that empties the cache",
 			break_: func(r *coherenceRig) map[string]bool {
-				r.front.Close()
-				r.start(t)
+				r.stop(0)
+				r.start(t, 0)
 				return map[string]bool{"@u1:hs": true}
 			},
 			want: "whom it does not concern, vanish",
