@@ -46,13 +46,18 @@ const (
 	opUse                             // token A makes a non-whoami request (GET /sync)
 	opRefresh                         // the refresh token of token A
 	opRestart                         // the proxy restarts (empty cache)
+	opRedisBounce                     // Redis goes away and comes back (with a bus)
 	numOps
+
+	// opVia2, or-ed into a kind, sends the operation through the second
+	// replica (with several).
+	opVia2 opKind = 0x80
 )
 
 var opNames = [numOps]string{
 	"opLogin", "opWhoami", "opLogout", "opLogoutAll", "opDeleteDevice", "opDeleteDevices",
 	"opPassword", "opDeactivate", "opAdminDeactivate", "opAdminDeleteDevice", "opMASDeleteDevice",
-	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart",
+	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart", "opRedisBounce",
 }
 
 type modelOp struct {
@@ -60,7 +65,13 @@ type modelOp struct {
 	A, B uint8
 }
 
-func (o modelOp) String() string { return fmt.Sprintf("{%s, %d, %d}", opNames[o.Kind], o.A, o.B) }
+func (o modelOp) String() string {
+	name := opNames[o.Kind&^opVia2%numOps]
+	if o.Kind&opVia2 != 0 {
+		name += " | opVia2"
+	}
+	return fmt.Sprintf("{%s, %d, %d}", name, o.A, o.B)
+}
 
 // maxModelOps bounds a sequence decoded from fuzz input.
 const maxModelOps = 48
@@ -100,6 +111,8 @@ type coherenceRig struct {
 	tr     *http.Transport
 	// redis, when set, is the bus the replicas share (coherence_replicas_test.go).
 	redis *coherenceRedis
+	// pubOff: what earlier instances of each replica published.
+	pubOff []float64
 	// per access token:
 	behindAt map[string]time.Time // revoked behind the proxy's back, not used since
 	lastGood map[string]string    // the last positive answer the proxy gave, by check key
@@ -111,8 +124,13 @@ type coherenceReplica struct {
 	front *httptest.Server
 	// expKnown: the replica saw the token's expiry announced.
 	expKnown map[string]bool
-	// stopBus stops its bus, if any, and waits for it.
+	// stopBus stops its bus, if any, and waits for it; busUp says whether
+	// it is up (nil: no bus).
 	stopBus func()
+	busUp   func() bool
+	reg     *prometheus.Registry
+	// startPub: what each replica had published when this one started.
+	startPub []float64
 }
 
 func newCoherenceRig(tb testing.TB) *coherenceRig { return newCoherenceRigN(tb, 1, nil) }
@@ -136,8 +154,15 @@ func newCoherenceRigN(tb testing.TB, n int, redis *coherenceRedis) *coherenceRig
 	r.tr = &http.Transport{}
 	r.client = &http.Client{Transport: r.tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	r.replicas = make([]*coherenceReplica, n)
+	r.pubOff = make([]float64, n)
 	for i := range n {
 		r.start(tb, i)
+	}
+	if redis != nil {
+		r.waitBuses(tb)
+		for i := range n {
+			r.rebase(tb, i)
+		}
 	}
 	return r
 }
@@ -156,6 +181,7 @@ func (r *coherenceRig) start(tb testing.TB, i int) {
 	}
 	publish(p)
 	rep.front = httptest.NewServer(p)
+	rep.reg = reg
 	r.replicas[i] = rep
 }
 
@@ -211,6 +237,11 @@ func modelUser(i uint8) string { return modelUsers[int(i)%len(modelUsers)] }
 // drop or re-fetch (nil with all: every user's).
 func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool, all bool, err error) {
 	affected = map[string]bool{}
+	r.via = 0
+	if o.Kind&opVia2 != 0 {
+		r.via = 1 % len(r.replicas)
+	}
+	o.Kind = o.Kind &^ opVia2 % numOps
 	a, b := r.token(o.A), r.token(o.B)
 	use := func(t *modelToken) { affected[t.user] = true; delete(r.behindAt, t.tok) }
 	uia := func(noAuth bool) string {
@@ -352,8 +383,24 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		// announced expiry or CACHE_TTL.
 		r.markBehind(before)
 	case opRestart:
+		if err := r.quiesce(tb); err != nil {
+			return nil, false, err
+		}
 		r.stop(r.via)
+		if r.redis != nil {
+			r.pubOff[r.via] = r.cumPublished(tb, r.via)
+		}
 		r.start(tb, r.via)
+		r.waitBuses(tb)
+		if r.redis != nil {
+			r.rebase(tb, r.via)
+		}
+		return nil, true, nil
+	case opRedisBounce:
+		if r.redis == nil {
+			return affected, false, nil
+		}
+		r.redis.bounce(tb, r)
 		return nil, true, nil
 	}
 	return affected, false, err
@@ -521,16 +568,33 @@ func runCoherence(tb testing.TB, ops []modelOp) error {
 	tb.Helper()
 	r := newCoherenceRig(tb)
 	defer r.close()
+	return r.run(tb, ops)
+}
+
+func (r *coherenceRig) run(tb testing.TB, ops []modelOp) error {
+	tb.Helper()
+	r.waitBuses(tb)
 	if err := r.check(nil, true, nil); err != nil {
 		return fmt.Errorf("before any step: %w", err)
+	}
+	if err := r.quiesce(tb); err != nil {
+		return err
 	}
 	for i, o := range ops {
 		before := r.calls()
 		affected, all, err := r.step(tb, o)
+		if err == nil {
+			err = r.quiesce(tb)
+		}
 		if err != nil {
 			return fmt.Errorf("step %d %v: %w", i, o, err)
 		}
 		if err := r.check(affected, all, before); err != nil {
+			return fmt.Errorf("after step %d %v: %w", i, o, err)
+		}
+		// What the check itself sent over the bus is carried before the
+		// next step, so that it is not taken for the next step's doing.
+		if err := r.quiesce(tb); err != nil {
 			return fmt.Errorf("after step %d %v: %w", i, o, err)
 		}
 	}
@@ -575,14 +639,15 @@ func shrinkOps(ops []modelOp, maxRuns int, run func([]modelOp) error) ([]modelOp
 	return ops, err
 }
 
-// regressionTest prints ops as a unit test to paste.
-func regressionTest(ops []modelOp, err error) string {
+// regressionTest prints ops as a unit test to paste; runner is the
+// function that runs them (runCoherence, runCoherenceReplicas).
+func regressionTest(ops []modelOp, err error, runner string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "// %v\nfunc TestCoherenceRegression(t *testing.T) {\n\tops := []modelOp{\n", err)
 	for _, o := range ops {
 		fmt.Fprintf(&b, "\t\t%v,\n", o)
 	}
-	b.WriteString("\t}\n\tif err := runCoherence(t, ops); err != nil {\n\t\tt.Fatal(err)\n\t}\n}\n")
+	fmt.Fprintf(&b, "\t}\n\tif err := %s(t, ops); err != nil {\n\t\tt.Fatal(err)\n\t}\n}\n", runner)
 	return b.String()
 }
 
@@ -598,7 +663,7 @@ func FuzzCoherence(f *testing.F) {
 		ops := decodeOps(data)
 		if err := runCoherence(t, ops); err != nil {
 			shrunk, serr := shrinkOps(ops, 300, func(ops []modelOp) error { return runCoherence(t, ops) })
-			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr))
+			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr, "runCoherence"))
 		}
 	})
 }
@@ -690,7 +755,7 @@ func TestShrinkOpsPrintsShortestSequence(t *testing.T) {
 	if err == nil || fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("shrunk to %v (%v), want %v", got, err, want)
 	}
-	test := regressionTest(got, err)
+	test := regressionTest(got, err, "runCoherence")
 	for _, line := range []string{"func TestCoherenceRegression(t *testing.T) {", "{opLogout, 0, 0},", "{opDeactivate, 0, 0},", "runCoherence(t, ops)"} {
 		if !strings.Contains(test, line) {
 			t.Errorf("printed test lacks %q:\n%s", line, test)
