@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -91,6 +92,78 @@ func encodeOps(ops []modelOp) []byte {
 		b = append(b, byte(o.Kind), o.A, o.B)
 	}
 	return b
+}
+
+// modelDevices are the device IDs logins name: Synapse takes any string,
+// and dot segments, slashes and escapes have hidden bugs before.
+var modelDevices = []string{"D0", "D1", "D2", ".", "..", "a/b", "%2E", "é", "D 1"}
+
+// client_ is the client API prefix an operand's top bits choose.
+func (r *coherenceRig) client_(a uint8) string {
+	return "/_matrix/client/" + [...]string{"v3", "r0", "unstable", "v3"}[a>>6] + "/"
+}
+
+// revoke sends a revoking call; with o.B&0x40 the client hangs up once the
+// homeserver has the call, before its answer, and revoke returns when the
+// proxy has finished with the call.
+func (r *coherenceRig) revoke(o modelOp, method, path, tok, body string) (int, string, error) {
+	if o.B&0x40 == 0 {
+		return r.do(method, path, tok, body)
+	}
+	served := r.requestsServed()
+	hold := &modelHold{arrived: make(chan struct{}), release: make(chan struct{})}
+	r.hs.mu.Lock()
+	r.hs.hold = hold
+	r.hs.mu.Unlock()
+	defer func() {
+		r.hs.mu.Lock()
+		r.hs.hold = nil
+		r.hs.mu.Unlock()
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, r.replicas[r.via].front.URL+path, strings.NewReader(body))
+	if err != nil {
+		return 0, "", err
+	}
+	req.Header.Set("Authorization", "Bearer "+tok)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := r.client.Do(req); err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}()
+	select {
+	case <-hold.arrived:
+		cancel()
+		<-done
+		close(hold.release)
+	case <-done: // refused before it reached the homeserver
+		return 0, "", nil
+	}
+	for try := 0; r.requestsServed() == served; try++ {
+		if try == 2000 {
+			return 0, "", fmt.Errorf("the proxy never finished a call whose client hung up")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return 0, "", nil
+}
+
+// requestsServed is the requests the current replica has answered.
+func (r *coherenceRig) requestsServed() float64 {
+	mfs, _ := r.replicas[r.via].reg.Gather()
+	var n float64
+	for _, mf := range mfs {
+		if mf.GetName() == "matrix_auth_proxy_requests_total" {
+			for _, m := range mf.GetMetric() {
+				n += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return n
 }
 
 const (
@@ -266,7 +339,8 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		affected[user] = true
 		dev := ""
 		if o.B&0x7f != 0 {
-			dev = fmt.Sprintf(`,"device_id":"D%d"`, o.B&0x7f%3)
+			d, _ := json.Marshal(modelDevices[int(o.B&0x7f)%len(modelDevices)])
+			dev = `,"device_id":` + string(d)
 		}
 		body := fmt.Sprintf(`{"type":"m.login.password","user":%q,"password":%q,"refresh_token":%t%s}`, user, hsPassword, o.B&0x80 != 0, dev)
 		status, resp, e := r.do("POST", "/_matrix/client/v3/login", "", body)
@@ -305,36 +379,36 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		}
 	case opLogout:
 		use(a)
-		_, _, err = r.do("POST", "/_matrix/client/v3/logout", a.tok, "{}")
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"logout", a.tok, "{}")
 	case opLogoutAll:
 		use(a)
-		_, _, err = r.do("POST", "/_matrix/client/v3/logout/all", a.tok, "{}")
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"logout/all", a.tok, "{}")
 	case opDeleteDevice:
 		use(a)
-		_, _, err = r.do("DELETE", "/_matrix/client/v3/devices/"+url.PathEscape(b.device), a.tok, withAuth(uia(o.B&1 != 0)))
+		_, _, err = r.revoke(o, "DELETE", r.client_(o.A)+"devices/"+url.PathEscape(b.device), a.tok, withAuth(uia(o.B&1 != 0)))
 	case opDeleteDevices:
 		use(a)
 		dev, _ := json.Marshal(b.device)
-		_, _, err = r.do("POST", "/_matrix/client/v3/delete_devices", a.tok, withAuth(`"devices":[`+string(dev)+`]`, uia(o.B&1 != 0)))
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"delete_devices", a.tok, withAuth(`"devices":[`+string(dev)+`]`, uia(o.B&1 != 0)))
 	case opPassword:
 		use(a)
 		lo := ""
 		if o.B&2 != 0 {
 			lo = `"logout_devices":false`
 		}
-		_, _, err = r.do("POST", "/_matrix/client/v3/account/password", a.tok, withAuth(`"new_password":"x"`, lo, uia(o.B&1 != 0)))
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"account/password", a.tok, withAuth(`"new_password":"x"`, lo, uia(o.B&1 != 0)))
 	case opDeactivate:
 		use(a)
-		_, _, err = r.do("POST", "/_matrix/client/v3/account/deactivate", a.tok, withAuth(uia(o.B&1 != 0)))
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"account/deactivate", a.tok, withAuth(uia(o.B&1 != 0)))
 	case opAdminDeactivate:
 		use(a)
 		u := modelUser(o.B)
 		affected[u] = true
-		_, _, err = r.do("POST", "/_synapse/admin/v1/deactivate/"+url.PathEscape(u), a.tok, `{"erase":false}`)
+		_, _, err = r.revoke(o, "POST", "/_synapse/admin/v1/deactivate/"+url.PathEscape(u), a.tok, `{"erase":false}`)
 	case opAdminDeleteDevice:
 		use(a)
 		affected[b.user] = true
-		_, _, err = r.do("DELETE", "/_synapse/admin/v2/users/"+url.PathEscape(b.user)+"/devices/"+url.PathEscape(b.device), a.tok, "")
+		_, _, err = r.revoke(o, "DELETE", "/_synapse/admin/v2/users/"+url.PathEscape(b.user)+"/devices/"+url.PathEscape(b.device), a.tok, "")
 	case opMASDeleteDevice:
 		affected[b.user] = true
 		_, _, err = r.do("POST", "/_synapse/mas/delete_device", modelMASToken,
@@ -680,6 +754,12 @@ var coherenceSeeds = [][]modelOp{
 	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opBehindBack, 1, 0}, {opAdvance, 30, 0}, {opUse, 1, 0}, {opBehindBack, 2, 2}, {opAdvance, 89, 0}, {opAdvance, 89, 0}},
 	{{opLogin, 1, 0x81}, {opAdvance, 10, 0}, {opRefresh, 1, 0}, {opRefresh, 2, 0}, {opAdvance, 25, 0}, {opWhoami, 3, 0}, {opAdvance, 60, 0}},
 	{{opLogin, 1, 0x80}, {opLogin, 2, 0}, {opRestart, 0, 0}, {opAdvance, 40, 0}, {opWhoami, 1, 1}, {opAdvance, 89, 0}, {opAdvance, 89, 0}},
+	// Odd device IDs, through every version prefix.
+	{{opLogin, 1, 3}, {opLogin, 1, 4}, {opLogin, 1, 5}, {opLogin, 2, 6}, {opLogin, 2, 7}, {opLogin, 0, 8},
+		{opDeleteDevice, 1, 2}, {opDeleteDevice, 65, 3}, {opDeleteDevices, 129, 4}, {opAdminDeleteDevice, 6, 5}, {opAdminDeleteDevice, 198, 3}, {opLogout, 4, 0}},
+	// Clients hanging up before the answer.
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opLogin, 1, 1}, {opLogin, 0, 0}, {opLogin, 2, 2}, {opLogout, 1, 0x40}, {opLogoutAll, 2, 0x40},
+		{opDeleteDevice, 3, 0x40}, {opPassword, 5, 0x40}, {opDeactivate, 5, 0x40}, {opAdminDeactivate, 4, 0x40 | 1}, {opDeleteDevice, 3, 0x41}},
 	{{opLogin, 4, 0}, {opWhoami, 0, 2 | 4<<2}, {opWhoami, 0, 2 | 1<<2}, {opAdminDeactivate, 0, 4}, {opLogin, 0, 0}, {opAdminDeactivate, 2, 4}},
 }
 
@@ -760,5 +840,35 @@ func TestShrinkOpsPrintsShortestSequence(t *testing.T) {
 		if !strings.Contains(test, line) {
 			t.Errorf("printed test lacks %q:\n%s", line, test)
 		}
+	}
+}
+
+// A client hanging up: the call reaches the homeserver, the client is gone
+// before the answer, and the proxy still drops the token.
+func TestCoherenceHangUp(t *testing.T) {
+	r := newCoherenceRig(t)
+	defer r.close()
+	if _, _, err := r.step(t, modelOp{opLogin, 1, 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.check(nil, true, nil); err != nil {
+		t.Fatal(err)
+	}
+	tok := r.token(1)
+	var arrived chan struct{}
+	r.hs.mu.Lock()
+	r.hs.onHold = func(h *modelHold) { arrived = h.arrived }
+	r.hs.mu.Unlock()
+	if _, _, err := r.step(t, modelOp{opLogout, 1, 0x40}); err != nil {
+		t.Fatal(err)
+	}
+	if arrived == nil {
+		t.Fatal("the logout was not held at the homeserver")
+	}
+	if st, _, _ := r.hs.answer(tok.tok, ""); st != 401 {
+		t.Fatalf("the homeserver did not log out: %d", st)
+	}
+	if err := r.check(nil, true, nil); err != nil {
+		t.Fatal(err)
 	}
 }

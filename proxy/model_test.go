@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -28,10 +29,17 @@ type modelHS struct {
 	byTok  map[string]*modelToken // access token → its record
 	byRef  map[string]*modelToken // refresh token → the access token it came with
 	next   int
+	// hold, when set, holds the next call other than a whoami until
+	// release is closed (a client hangs up meanwhile).
+	hold *modelHold
+	// onHold, if set, is told of each hold taken (tests of the check).
+	onHold func(*modelHold)
 	// whoamis counts the homeserver's whoami calls per access token and
 	// masquerade user ("tok|user").
 	whoamis map[string]int
 }
+
+type modelHold struct{ arrived, release chan struct{} }
 
 // modelToken is an access token. Revoked tokens stay, with revoked set.
 type modelToken struct {
@@ -142,6 +150,16 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	m.mu.Lock()
+	if h := m.hold; h != nil && !strings.HasSuffix(r.URL.Path, "/account/whoami") {
+		m.hold = nil
+		if m.onHold != nil {
+			m.onHold(h)
+		}
+		m.mu.Unlock()
+		close(h.arrived)
+		<-h.release
+		m.mu.Lock()
+	}
 	defer m.mu.Unlock()
 	path := r.URL.Path
 	switch {
@@ -225,7 +243,12 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 			writeJSON(w, 403, `{"errcode":"M_FORBIDDEN","error":"You are not a server admin"}`)
 			return
 		}
-		rest := strings.Split(strings.TrimPrefix(path, "/_synapse/admin/"), "/")
+		rest := strings.Split(strings.TrimPrefix(r.URL.EscapedPath(), "/_synapse/admin/"), "/")
+		for i := range rest {
+			if u, err := url.PathUnescape(rest[i]); err == nil {
+				rest[i] = u
+			}
+		}
 		switch {
 		case r.Method == "POST" && len(rest) == 3 && rest[1] == "deactivate":
 			m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] })
@@ -247,7 +270,13 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if r.Method == "DELETE" {
-			req.Devices = []string{path[strings.LastIndex(path, "/")+1:]}
+			// Like Synapse: the raw segment, unquoted.
+			raw := r.URL.EscapedPath()
+			d, err := url.PathUnescape(raw[strings.LastIndex(raw, "/")+1:])
+			if err != nil {
+				d = raw[strings.LastIndex(raw, "/")+1:]
+			}
+			req.Devices = []string{d}
 		}
 		m.revokeWhere(func(t *modelToken) bool { return t.user == user && slices.Contains(req.Devices, t.device) })
 		writeJSON(w, 200, `{}`)
