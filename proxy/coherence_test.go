@@ -30,24 +30,26 @@ import (
 type opKind uint8
 
 const (
-	opLogin             opKind = iota // user A, device B (0: new), B&0x80 refreshable
-	opWhoami                          // token A, B: header/query, masquerade
-	opLogout                          // token A
-	opLogoutAll                       // token A
-	opDeleteDevice                    // token A deletes the device of token B; B&1: no auth (refused)
-	opDeleteDevices                   // the same with POST delete_devices
-	opPassword                        // token A; B&1: no auth, B&2: logout_devices false
-	opDeactivate                      // token A; B&1: no auth
-	opAdminDeactivate                 // token A deactivates user B (Synapse admin API)
-	opAdminDeleteDevice               // token A deletes the device of token B (admin API)
-	opMASDeleteDevice                 // MAS deletes the device of token B
-	opMASDeleteUser                   // MAS deletes user B
-	opBehindBack                      // on the homeserver directly: B%3 revokes token A, its device, its user
-	opAdvance                         // time passes: A%90+1 seconds
-	opUse                             // token A makes a non-whoami request (GET /sync)
-	opRefresh                         // the refresh token of token A
-	opRestart                         // the proxy restarts (empty cache)
-	opRedisBounce                     // Redis goes away and comes back (with a bus)
+	opLogin              opKind = iota // user A, device B (0: new), B&0x80 refreshable
+	opWhoami                           // token A, B: header/query, masquerade
+	opLogout                           // token A
+	opLogoutAll                        // token A
+	opDeleteDevice                     // token A deletes the device of token B; B&1: no auth (refused)
+	opDeleteDevices                    // the same with POST delete_devices
+	opPassword                         // token A; B&1: no auth, B&2: logout_devices false
+	opDeactivate                       // token A; B&1: no auth
+	opAdminDeactivate                  // token A deactivates user B (Synapse admin API)
+	opAdminDeleteDevice                // token A deletes the device of token B (admin API)
+	opMASDeleteDevice                  // MAS deletes the device of token B
+	opMASDeleteUser                    // MAS deletes user B
+	opBehindBack                       // on the homeserver directly: B%3 revokes token A, its device, its user
+	opAdvance                          // time passes: A%90+1 seconds
+	opUse                              // token A makes a non-whoami request (GET /sync)
+	opRefresh                          // the refresh token of token A
+	opRestart                          // the proxy restarts (empty cache)
+	opRedisBounce                      // Redis goes away and comes back (with a bus)
+	opMASSyncDevices                   // MAS keeps only the device of token B of its user
+	opAdminResetPassword               // token A resets the password of user B (admin API); B&0x40: logout_devices false
 	numOps
 
 	// opVia2, or-ed into a kind, sends the operation through the second
@@ -59,6 +61,7 @@ var opNames = [numOps]string{
 	"opLogin", "opWhoami", "opLogout", "opLogoutAll", "opDeleteDevice", "opDeleteDevices",
 	"opPassword", "opDeactivate", "opAdminDeactivate", "opAdminDeleteDevice", "opMASDeleteDevice",
 	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart", "opRedisBounce",
+	"opMASSyncDevices", "opAdminResetPassword",
 }
 
 type modelOp struct {
@@ -417,6 +420,17 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		u := modelUser(o.B)
 		affected[u] = true
 		_, _, err = r.do("POST", "/_synapse/mas/delete_user", modelMASToken, fmt.Sprintf(`{"localpart":%q,"erase":false}`, localpartOf(u)))
+	case opMASSyncDevices:
+		affected[b.user] = true
+		dev, _ := json.Marshal(b.device)
+		_, _, err = r.do("POST", "/_synapse/mas/sync_devices", modelMASToken,
+			fmt.Sprintf(`{"localpart":%q,"devices":[%s]}`, localpartOf(b.user), dev))
+	case opAdminResetPassword:
+		use(a)
+		u := modelUser(o.B)
+		affected[u] = true
+		_, _, err = r.do("POST", "/_synapse/admin/v1/reset_password/"+url.PathEscape(u), a.tok,
+			fmt.Sprintf(`{"new_password":"x","logout_devices":%t}`, o.B&0x40 == 0))
 	case opBehindBack:
 		affected[a.user] = true
 		r.hs.mu.Lock()
@@ -503,10 +517,12 @@ func (r *coherenceRig) markBehind(before map[*modelToken]bool) {
 	}
 }
 
-// checkKey is one whoami the check asks: a token, optionally masquerading.
+// checkKey is one whoami the check asks: a token, optionally masquerading,
+// in the header or in the query.
 type checkKey struct {
 	tok    *modelToken
 	asUser string
+	query  bool
 }
 
 func (r *coherenceRig) checkKeys() []checkKey {
@@ -514,7 +530,7 @@ func (r *coherenceRig) checkKeys() []checkKey {
 	defer r.hs.mu.Unlock()
 	var keys []checkKey
 	for _, t := range r.hs.tokens {
-		keys = append(keys, checkKey{tok: t})
+		keys = append(keys, checkKey{tok: t}, checkKey{tok: t, query: true})
 		if t.appservice {
 			for _, u := range []string{"@bridge_a:hs", "@bridge_b:hs", "@u1:hs"} {
 				keys = append(keys, checkKey{tok: t, asUser: u})
@@ -548,7 +564,7 @@ func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map
 	// Entries of users the step does not concern must still be there.
 	if !all {
 		for _, k := range r.checkKeys() {
-			if k.asUser != "" || !r.cached[k.tok.tok] || affected[k.tok.user] {
+			if k.asUser != "" || k.query || !r.cached[k.tok.tok] || affected[k.tok.user] {
 				continue
 			}
 			if k.tok.appservice && (affected[modelASUser] || affected["@bridge_a:hs"] || affected["@bridge_b:hs"] || affected["@u1:hs"]) {
@@ -564,7 +580,7 @@ func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map
 	}
 	clear(r.cached)
 	for _, k := range r.checkKeys() {
-		if st, _, _ := r.hs.answer(k.tok.tok, ""); st == 200 && k.asUser == "" {
+		if st, _, _ := r.hs.answer(k.tok.tok, ""); st == 200 && k.asUser == "" && !k.query {
 			r.cached[k.tok.tok] = true
 		}
 	}
@@ -576,11 +592,20 @@ const coherenceBusTries = 250
 
 // checkOne asks one whoami through replica i and compares with the model.
 func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time) error {
-	path := whoamiV3
+	q := url.Values{}
 	if k.asUser != "" {
-		path += "?user_id=" + url.QueryEscape(k.asUser)
+		q.Set("user_id", k.asUser)
 	}
-	status, body, err := r.doVia(i, "GET", path, k.tok.tok, "")
+	tok := k.tok.tok
+	if k.query {
+		q.Set("access_token", tok)
+		tok = ""
+	}
+	path := whoamiV3
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	status, body, err := r.doVia(i, "GET", path, tok, "")
 	if err != nil {
 		return err
 	}
@@ -598,8 +623,11 @@ func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time) error {
 	if ws != 200 {
 		want = fmt.Sprint(ws)
 	}
-	key := fmt.Sprintf("%d|%s|%s", i, k.tok.tok, k.asUser)
+	key := fmt.Sprintf("%d|%s|%s|%t", i, k.tok.tok, k.asUser, k.query)
 	name := k.tok.tok
+	if k.query {
+		name += " (query)"
+	}
 	if k.asUser != "" {
 		name += " as " + k.asUser
 	}
@@ -760,6 +788,8 @@ var coherenceSeeds = [][]modelOp{
 	// Clients hanging up before the answer.
 	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opLogin, 1, 1}, {opLogin, 0, 0}, {opLogin, 2, 2}, {opLogout, 1, 0x40}, {opLogoutAll, 2, 0x40},
 		{opDeleteDevice, 3, 0x40}, {opPassword, 5, 0x40}, {opDeactivate, 5, 0x40}, {opAdminDeactivate, 4, 0x40 | 1}, {opDeleteDevice, 3, 0x41}},
+	{{opLogin, 0, 0}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 0, 3}, {opMASSyncDevices, 0, 2}, {opAdminResetPassword, 1, 0x41},
+		{opAdminResetPassword, 1, 1}, {opAdminResetPassword, 1, 0}, {opLogin, 2, 0}, {opAdminResetPassword, 5, 2}},
 	{{opLogin, 4, 0}, {opWhoami, 0, 2 | 4<<2}, {opWhoami, 0, 2 | 1<<2}, {opAdminDeactivate, 0, 4}, {opLogin, 0, 0}, {opAdminDeactivate, 2, 4}},
 }
 

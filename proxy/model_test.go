@@ -253,6 +253,16 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 		case r.Method == "POST" && len(rest) == 3 && rest[1] == "deactivate":
 			m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] })
 			writeJSON(w, 200, `{"id_server_unbind_result":"success"}`)
+		case r.Method == "POST" && len(rest) == 3 && rest[1] == "reset_password":
+			var req struct {
+				LogoutDevices *bool `json:"logout_devices"`
+			}
+			_ = json.Unmarshal(body, &req)
+			if req.LogoutDevices == nil || *req.LogoutDevices {
+				// Synapse keeps the requester's own token (set_password).
+				m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] && t != caller })
+			}
+			writeJSON(w, 200, `{}`)
 		case r.Method == "DELETE" && len(rest) == 5 && rest[1] == "users" && rest[3] == "devices":
 			m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] && t.device == rest[4] })
 			writeJSON(w, 200, `{}`)
@@ -318,8 +328,9 @@ func (m *modelHS) serveMAS(w http.ResponseWriter, path, tok string, body []byte)
 		return
 	}
 	var req struct {
-		Localpart string `json:"localpart"`
-		DeviceID  string `json:"device_id"`
+		Localpart string   `json:"localpart"`
+		DeviceID  string   `json:"device_id"`
+		Devices   []string `json:"devices"`
 	}
 	if json.Unmarshal(body, &req) != nil || req.Localpart == "" {
 		writeJSON(w, 400, `{"errcode":"M_BAD_JSON","error":"bad body"}`)
@@ -329,6 +340,8 @@ func (m *modelHS) serveMAS(w http.ResponseWriter, path, tok string, body []byte)
 	switch path {
 	case "/_synapse/mas/delete_device":
 		m.revokeWhere(func(t *modelToken) bool { return t.user == user && t.device == req.DeviceID })
+	case "/_synapse/mas/sync_devices":
+		m.revokeWhere(func(t *modelToken) bool { return t.user == user && !slices.Contains(req.Devices, t.device) })
 	case "/_synapse/mas/delete_user":
 		m.revokeWhere(func(t *modelToken) bool { return t.user == user })
 	}
