@@ -192,6 +192,9 @@ func TestCoherenceReplicas(t *testing.T) {
 		ops := randomOps(rng, 40)
 		if err := runCoherenceOn(t, redis, ops); err != nil {
 			shrunk, serr := shrinkOps(ops, 40, func(ops []modelOp) error { return runCoherenceOn(t, redis, ops) })
+			if serr == nil {
+				serr = fmt.Errorf("did not fail again when re-run (timing-dependent): %w", err)
+			}
 			t.Fatalf("COHERENCE_SEED=%d, sequence %d: %v\nshortest failing sequence found, as a test:\n\n%s",
 				seed, seq, err, regressionTest(shrunk, serr, "runCoherenceReplicas"))
 		}
