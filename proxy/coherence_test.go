@@ -219,6 +219,8 @@ type coherenceReplica struct {
 	sent int
 	// startPub: what each replica had published when this one started.
 	startPub []float64
+	// appliedBase: what this one had applied then.
+	appliedBase float64
 }
 
 func newCoherenceRig(tb testing.TB) *coherenceRig { return newCoherenceRigN(tb, 1, nil) }
