@@ -10,6 +10,8 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -50,6 +52,7 @@ const (
 	opRedisBounce                      // Redis goes away and comes back (with a bus)
 	opMASSyncDevices                   // MAS keeps only the device of token B of its user
 	opAdminResetPassword               // token A resets the password of user B (admin API); B&0x40: logout_devices false
+	opBurst                            // concurrent clients: whoamis of token A through every replica while A logs out (B&1) or makes another request
 	numOps
 
 	// opVia2, or-ed into a kind, sends the operation through the second
@@ -61,7 +64,7 @@ var opNames = [numOps]string{
 	"opLogin", "opWhoami", "opLogout", "opLogoutAll", "opDeleteDevice", "opDeleteDevices",
 	"opPassword", "opDeactivate", "opAdminDeactivate", "opAdminDeleteDevice", "opMASDeleteDevice",
 	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart", "opRedisBounce",
-	"opMASSyncDevices", "opAdminResetPassword",
+	"opMASSyncDevices", "opAdminResetPassword", "opBurst",
 }
 
 type modelOp struct {
@@ -134,7 +137,7 @@ func (r *coherenceRig) revoke(o modelOp, method, path, tok, body string) (int, s
 		return 0, "", err
 	}
 	req.Header.Set("Authorization", "Bearer "+tok)
-	r.replicas[r.via].sent++
+	r.replicas[r.via].sent.Add(1)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -154,7 +157,7 @@ func (r *coherenceRig) revoke(o modelOp, method, path, tok, body string) (int, s
 	// The replica counts a request once it is done with it, after its
 	// client has the answer: it is done with every request sent to it
 	// when it counted as many.
-	for try := 0; r.requestsServed() < float64(r.replicas[r.via].sent); try++ {
+	for try := 0; r.requestsServed() < float64(r.replicas[r.via].sent.Load()); try++ {
 		if try == 2000 {
 			return 0, "", fmt.Errorf("the proxy never finished a call whose client hung up")
 		}
@@ -195,8 +198,10 @@ type coherenceRig struct {
 	tr     *http.Transport
 	// redis, when set, is the bus the replicas share (coherence_replicas_test.go).
 	redis *coherenceRedis
-	// trace, if set, is told of each step (for debugging a sequence).
-	trace func(string)
+	// trace, if set, is told of each step (for debugging a sequence);
+	// not of the requests of a burst (concurrent).
+	trace      func(string)
+	concurrent bool
 	// pubOff: what earlier instances of each replica published.
 	pubOff []float64
 	// per access token:
@@ -216,7 +221,7 @@ type coherenceReplica struct {
 	busUp   func() bool
 	reg     *prometheus.Registry
 	// sent: the requests the rig sent to this instance.
-	sent int
+	sent atomic.Int64
 	// startPub: what each replica had published when this one started.
 	startPub []float64
 	// appliedBase: what this one had applied then.
@@ -302,7 +307,7 @@ func (r *coherenceRig) doVia(i int, method, path, tok, body string) (int, string
 	if err != nil {
 		return 0, "", err
 	}
-	r.replicas[i].sent++
+	r.replicas[i].sent.Add(1)
 	if tok != "" {
 		req.Header.Set("Authorization", "Bearer "+tok)
 	}
@@ -312,7 +317,7 @@ func (r *coherenceRig) doVia(i int, method, path, tok, body string) (int, string
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
-	if r.trace != nil && !strings.Contains(path, "/whoami") {
+	if r.trace != nil && !strings.Contains(path, "/whoami") && !r.concurrent {
 		r.trace(fmt.Sprintf("  %s %s via %d: %d %s", method, path, i, resp.StatusCode, b))
 	}
 	return resp.StatusCode, string(b), err
@@ -461,6 +466,35 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		affected[u] = true
 		_, _, err = r.do("POST", "/_synapse/admin/v1/reset_password/"+url.PathEscape(u), a.tok,
 			fmt.Sprintf(`{"new_password":"x","logout_devices":%t}`, o.B&0x40 == 0))
+	case opBurst:
+		// Checked at the next quiescent point, when every request is
+		// answered: a lookup that raced the logout must not have cached
+		// the token again.
+		affected[a.user] = true
+		delete(r.behindAt, a.tok)
+		r.concurrent = true
+		var wg sync.WaitGroup
+		errs := make(chan error, 16)
+		for i := range 2 * len(r.replicas) {
+			wg.Go(func() {
+				if _, _, e := r.doVia(i%len(r.replicas), "GET", whoamiV3, a.tok, ""); e != nil {
+					errs <- e
+				}
+			})
+		}
+		wg.Go(func() {
+			method, path, body := "GET", "/_matrix/client/v3/sync", ""
+			if o.B&1 != 0 {
+				method, path, body = "POST", "/_matrix/client/v3/logout", "{}"
+			}
+			if _, _, e := r.doVia(r.via, method, path, a.tok, body); e != nil {
+				errs <- e
+			}
+		})
+		wg.Wait()
+		r.concurrent = false
+		close(errs)
+		err = <-errs
 	case opBehindBack:
 		affected[a.user] = true
 		r.hs.mu.Lock()
@@ -823,6 +857,7 @@ var coherenceSeeds = [][]modelOp{
 		{opDeleteDevice, 3, 0x40}, {opPassword, 5, 0x40}, {opDeactivate, 5, 0x40}, {opAdminDeactivate, 4, 0x40 | 1}, {opDeleteDevice, 3, 0x41}},
 	{{opLogin, 0, 0}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 0, 3}, {opMASSyncDevices, 0, 2}, {opAdminResetPassword, 1, 0x41},
 		{opAdminResetPassword, 1, 1}, {opAdminResetPassword, 1, 0}, {opLogin, 2, 0}, {opAdminResetPassword, 5, 2}},
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opBurst, 1, 0}, {opBurst, 1, 1}, {opBehindBack, 2, 0}, {opBurst, 2, 0}},
 	{{opLogin, 4, 0}, {opWhoami, 0, 2 | 4<<2}, {opWhoami, 0, 2 | 1<<2}, {opAdminDeactivate, 0, 4}, {opLogin, 0, 0}, {opAdminDeactivate, 2, 4}},
 }
 
