@@ -220,6 +220,8 @@ type coherenceReplica struct {
 	stopBus func()
 	busUp   func() bool
 	reg     *prometheus.Registry
+	// explicit: the explicit invalidations this instance handed its bus.
+	explicit atomic.Int64
 	// sent: the requests the rig sent to this instance.
 	sent atomic.Int64
 	// startPub: what each replica had published when this one started.
