@@ -5,7 +5,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 # the two agree.
 BUILD_FLAGS = -trimpath -ldflags "-s -w -X main.version=$(VERSION)"
 
-.PHONY: build test vet demo bench clean
+.PHONY: build test vet demo bench clean check-coherence
 
 build:
 	CGO_ENABLED=0 $(GO) build $(BUILD_FLAGS) -o bin/matrix-auth-proxy ./cmd/matrix-auth-proxy
@@ -23,6 +23,14 @@ test: vet
 
 demo:
 	deploy/local/demo.sh
+
+# The coherence model check for longer than make test runs it: the
+# seeded-random driver (two replicas, a real Redis) for DURATION, then the
+# fuzzer for as long. COHERENCE_SEED=n replays a driver's seed.
+DURATION ?= 10m
+check-coherence:
+	COHERENCE_DURATION=$(DURATION) $(GO) test -race -count=1 -timeout 0 -run 'TestCoherenceReplicas$$' -v ./proxy
+	$(GO) test -run XXX -fuzz 'FuzzCoherence$$' -fuzztime $(DURATION) -parallel 1 ./proxy
 
 # Benchmarks and the side-by-side load comparison (wrk, nginx; run as root).
 # Not part of `make test` or CI: these machines are shared and noisy.

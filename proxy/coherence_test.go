@@ -1,0 +1,974 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
+)
+
+// The coherence check: operations run through the proxy against modelHS
+// (model_test.go), and after every step, for every token ever issued, a
+// whoami through the proxy must answer what the model answers, except
+// where the README's "Limits" says the proxy cannot know; and a step must
+// not make the entries of users it does not concern vanish (counted as
+// whoami calls reaching the model).
+
+// opKind is an operation of the language.
+type opKind uint8
+
+const (
+	opLogin              opKind = iota // user A, device B (0: new), B&0x80 refreshable
+	opWhoami                           // token A, B: header/query, masquerade
+	opLogout                           // token A
+	opLogoutAll                        // token A
+	opDeleteDevice                     // token A deletes the device of token B; B&1: no auth (refused)
+	opDeleteDevices                    // the same with POST delete_devices
+	opPassword                         // token A; B&1: no auth, B&2: logout_devices false
+	opDeactivate                       // token A; B&1: no auth
+	opAdminDeactivate                  // token A deactivates user B (Synapse admin API)
+	opAdminDeleteDevice                // token A deletes the device of token B (admin API)
+	opMASDeleteDevice                  // MAS deletes the device of token B
+	opMASDeleteUser                    // MAS deletes user B
+	opBehindBack                       // on the homeserver directly: B%3 revokes token A, its device, its user
+	opAdvance                          // time passes: A%90+1 seconds
+	opUse                              // token A makes a non-whoami request (GET /sync)
+	opRefresh                          // the refresh token of token A
+	opRestart                          // the proxy restarts (empty cache)
+	opRedisBounce                      // Redis goes away and comes back (with a bus)
+	opMASSyncDevices                   // MAS keeps only the device of token B of its user
+	opAdminResetPassword               // token A resets the password of user B (admin API); B&0x40: logout_devices false
+	opBurst                            // concurrent clients: whoamis of token A through every replica while A logs out (B&1) or makes another request
+	numOps
+
+	// opVia2, or-ed into a kind, sends the operation through the second
+	// replica (with several).
+	opVia2 opKind = 0x80
+)
+
+var opNames = [numOps]string{
+	"opLogin", "opWhoami", "opLogout", "opLogoutAll", "opDeleteDevice", "opDeleteDevices",
+	"opPassword", "opDeactivate", "opAdminDeactivate", "opAdminDeleteDevice", "opMASDeleteDevice",
+	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart", "opRedisBounce",
+	"opMASSyncDevices", "opAdminResetPassword", "opBurst",
+}
+
+type modelOp struct {
+	Kind opKind
+	A, B uint8
+}
+
+func (o modelOp) String() string {
+	name := opNames[o.Kind&^opVia2%numOps]
+	if o.Kind&opVia2 != 0 {
+		name += " | opVia2"
+	}
+	return fmt.Sprintf("{%s, %d, %d}", name, o.A, o.B)
+}
+
+// maxModelOps bounds a sequence decoded from fuzz input.
+const maxModelOps = 48
+
+// decodeOps reads three bytes per operation.
+func decodeOps(data []byte) []modelOp {
+	var ops []modelOp
+	for i := 0; i+2 < len(data) && len(ops) < maxModelOps; i += 3 {
+		ops = append(ops, modelOp{opKind(data[i] % byte(numOps)), data[i+1], data[i+2]})
+	}
+	return ops
+}
+
+func encodeOps(ops []modelOp) []byte {
+	var b []byte
+	for _, o := range ops {
+		b = append(b, byte(o.Kind), o.A, o.B)
+	}
+	return b
+}
+
+// hangUpOps are the operations whose B&0x40 makes the client hang up
+// (they send with revoke).
+var hangUpOps = map[opKind]bool{opLogout: true, opLogoutAll: true, opDeleteDevice: true, opDeleteDevices: true,
+	opPassword: true, opDeactivate: true, opAdminDeactivate: true, opAdminDeleteDevice: true}
+
+// modelDevices are the device IDs logins name: Synapse takes any string,
+// and dot segments, slashes and escapes have hidden bugs before.
+var modelDevices = []string{"D0", "D1", "D2", ".", "..", "a/b", "%2E", "é", "D 1"}
+
+// client_ is the client API prefix an operand's top bits choose.
+func (r *coherenceRig) client_(a uint8) string {
+	return "/_matrix/client/" + [...]string{"v3", "r0", "unstable", "v3"}[a>>6] + "/"
+}
+
+// revoke sends a revoking call; with o.B&0x40 the client hangs up once the
+// homeserver has the call, before its answer, and revoke returns when the
+// proxy has finished with the call.
+func (r *coherenceRig) revoke(o modelOp, method, path, tok, body string) (int, string, error) {
+	if o.B&0x40 == 0 {
+		return r.do(method, path, tok, body)
+	}
+	hold := &modelHold{arrived: make(chan struct{}), release: make(chan struct{})}
+	r.hs.mu.Lock()
+	r.hs.hold = hold
+	r.hs.mu.Unlock()
+	defer func() {
+		r.hs.mu.Lock()
+		r.hs.hold = nil
+		r.hs.mu.Unlock()
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, r.replicas[r.via].front.URL+path, strings.NewReader(body))
+	if err != nil {
+		return 0, "", err
+	}
+	req.Header.Set("Authorization", "Bearer "+tok)
+	r.replicas[r.via].sent.Add(1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := r.client.Do(req); err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+	}()
+	select {
+	case <-hold.arrived:
+		cancel()
+		<-done
+		close(hold.release)
+	case <-done: // refused before it reached the homeserver
+		return 0, "", nil
+	}
+	// The replica counts a request once it is done with it, after its
+	// client has the answer: it is done with every request sent to it
+	// when it counted as many.
+	for try := 0; r.requestsServed() < float64(r.replicas[r.via].sent.Load()); try++ {
+		if try == 2000 {
+			return 0, "", fmt.Errorf("the proxy never finished a call whose client hung up")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return 0, "", nil
+}
+
+// requestsServed is the requests the current replica has answered.
+func (r *coherenceRig) requestsServed() float64 {
+	mfs, _ := r.replicas[r.via].reg.Gather()
+	var n float64
+	for _, mf := range mfs {
+		if mf.GetName() == "matrix_auth_proxy_requests_total" {
+			for _, m := range mf.GetMetric() {
+				n += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return n
+}
+
+const (
+	modelTTL         = 2 * time.Minute
+	modelNegativeTTL = 10 * time.Second
+)
+
+// coherenceRig is one or more proxy replicas in front of a modelHS, and
+// what the check knows about each token.
+type coherenceRig struct {
+	clock    *fakeClock
+	hs       *modelHS
+	cfg      Config
+	replicas []*coherenceReplica
+	// via is the replica the current step goes through.
+	via    int
+	client *http.Client
+	tr     *http.Transport
+	// redis, when set, is the bus the replicas share (coherence_replicas_test.go).
+	redis *coherenceRedis
+	// trace, if set, is told of each step (for debugging a sequence);
+	// not of the requests of a burst (concurrent).
+	trace      func(string)
+	concurrent bool
+	// pubOff: what earlier instances of each replica published.
+	pubOff []float64
+	// per access token:
+	behindAt map[string]time.Time // revoked behind the proxy's back, not used since
+	lastGood map[string]string    // the last positive answer the proxy gave, by check key
+	cached   map[string]bool      // positive at the last check (so cached)
+}
+
+// coherenceReplica is one proxy.
+type coherenceReplica struct {
+	front *httptest.Server
+	// expKnown: the replica saw the token's expiry announced.
+	expKnown map[string]bool
+	// stopBus stops its bus, if any, and waits for it; busUp says whether
+	// it is up (nil: no bus).
+	stopBus func()
+	busUp   func() bool
+	reg     *prometheus.Registry
+	// explicit: the explicit invalidations this instance handed its bus.
+	explicit atomic.Int64
+	// sent: the requests the rig sent to this instance.
+	sent atomic.Int64
+	// startPub: what each replica had published when this one started.
+	startPub []float64
+	// appliedBase: what this one had applied then.
+	appliedBase float64
+}
+
+func newCoherenceRig(tb testing.TB) *coherenceRig { return newCoherenceRigN(tb, 1, nil) }
+
+func newCoherenceRigN(tb testing.TB, n int, redis *coherenceRedis) *coherenceRig {
+	tb.Helper()
+	r := &coherenceRig{clock: &fakeClock{t: time.Unix(1_700_000_000, 0)}, redis: redis,
+		behindAt: map[string]time.Time{}, lastGood: map[string]string{}, cached: map[string]bool{}}
+	r.hs = newModelHS(r.clock.Now)
+	hasher, err := tokencache.NewHasher([]byte("test hash key, 32 bytes long...."))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	u, _ := url.Parse(r.hs.srv.URL)
+	r.cfg = Config{
+		Upstream: u, Transport: upstream.NewTransport(5 * time.Second), Hasher: hasher,
+		Cache: tokencache.Config{Size: 1000, TTL: modelTTL, NegativeTTL: modelNegativeTTL,
+			LookupTimeout: 5 * time.Second, Now: r.clock.Now},
+		ServerName: modelServer, MASSecret: modelMASToken,
+	}
+	r.tr = &http.Transport{}
+	r.client = &http.Client{Transport: r.tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	r.replicas = make([]*coherenceReplica, n)
+	r.pubOff = make([]float64, n)
+	for i := range n {
+		r.start(tb, i)
+	}
+	if redis != nil {
+		r.waitBuses(tb)
+		for i := range n {
+			r.rebase(tb, i)
+		}
+	}
+	return r
+}
+
+// start starts replica i, afresh.
+func (r *coherenceRig) start(tb testing.TB, i int) {
+	tb.Helper()
+	rep := &coherenceReplica{expKnown: map[string]bool{}, stopBus: func() {}}
+	cfg := r.cfg
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
+	publish := r.attachBus(tb, &cfg, reg, rep)
+	p, err := New(cfg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	publish(p)
+	rep.front = httptest.NewServer(p)
+	rep.reg = reg
+	r.replicas[i] = rep
+}
+
+// stop stops replica i.
+func (r *coherenceRig) stop(i int) {
+	r.replicas[i].front.Close()
+	r.replicas[i].stopBus()
+}
+
+func (r *coherenceRig) close() {
+	for i := range r.replicas {
+		r.stop(i)
+	}
+	r.tr.CloseIdleConnections()
+	if t, ok := r.cfg.Transport.(interface{ CloseIdleConnections() }); ok {
+		t.CloseIdleConnections()
+	}
+	r.hs.srv.Close()
+}
+
+// do sends a request through the proxy.
+func (r *coherenceRig) do(method, path, tok, body string) (int, string, error) {
+	return r.doVia(r.via, method, path, tok, body)
+}
+
+func (r *coherenceRig) doVia(i int, method, path, tok, body string) (int, string, error) {
+	req, err := http.NewRequest(method, r.replicas[i].front.URL+path, strings.NewReader(body))
+	if err != nil {
+		return 0, "", err
+	}
+	r.replicas[i].sent.Add(1)
+	if tok != "" {
+		req.Header.Set("Authorization", "Bearer "+tok)
+	}
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if r.trace != nil && !strings.Contains(path, "/whoami") && !r.concurrent {
+		r.trace(fmt.Sprintf("  %s %s via %d: %d %s", method, path, i, resp.StatusCode, b))
+	}
+	return resp.StatusCode, string(b), err
+}
+
+// token is the access token an operand names (0 is the appservice's).
+func (r *coherenceRig) token(i uint8) *modelToken {
+	r.hs.mu.Lock()
+	defer r.hs.mu.Unlock()
+	return r.hs.tokens[int(i)%len(r.hs.tokens)]
+}
+
+func modelUser(i uint8) string { return modelUsers[int(i)%len(modelUsers)] }
+
+// step runs one operation; it returns the users whose entries the step may
+// drop or re-fetch (nil with all: every user's).
+func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool, all bool, err error) {
+	affected = map[string]bool{}
+	r.via = 0
+	if o.Kind&opVia2 != 0 {
+		r.via = 1 % len(r.replicas)
+	}
+	o.Kind = o.Kind &^ opVia2 % numOps
+	a, b := r.token(o.A), r.token(o.B)
+	if r.trace != nil {
+		r.trace(fmt.Sprintf("%v via %d: a=%s (%s %s) b=%s (%s %s)", o, r.via, a.tok, a.user, a.device, b.tok, b.user, b.device))
+	}
+	// A client that hangs up may never let the proxy see the homeserver's
+	// 401 (a call the proxy does not take for a revoking one is canceled
+	// with its client): such a use does not end a stale answer.
+	hangsUp := o.B&0x40 != 0 && hangUpOps[o.Kind]
+	use := func(t *modelToken) {
+		affected[t.user] = true
+		if !hangsUp {
+			delete(r.behindAt, t.tok)
+		}
+	}
+	uia := func(noAuth bool) string {
+		if noAuth {
+			return ""
+		}
+		return fmt.Sprintf(`"auth":{"type":"m.login.password","password":%q}`, hsPassword)
+	}
+	withAuth := func(fields ...string) string {
+		var nonEmpty []string
+		for _, f := range fields {
+			if f != "" {
+				nonEmpty = append(nonEmpty, f)
+			}
+		}
+		return "{" + strings.Join(nonEmpty, ",") + "}"
+	}
+	before := r.liveSet()
+	switch o.Kind {
+	case opLogin:
+		user := modelUser(o.A)
+		affected[user] = true
+		dev := ""
+		if o.B&0x7f != 0 {
+			d, _ := json.Marshal(modelDevices[int(o.B&0x7f)%len(modelDevices)])
+			dev = `,"device_id":` + string(d)
+		}
+		body := fmt.Sprintf(`{"type":"m.login.password","user":%q,"password":%q,"refresh_token":%t%s}`, user, hsPassword, o.B&0x80 != 0, dev)
+		status, resp, e := r.do("POST", "/_matrix/client/v3/login", "", body)
+		if e != nil {
+			return nil, false, e
+		}
+		if status == 200 {
+			var lr struct {
+				AccessToken string `json:"access_token"`
+			}
+			_ = json.Unmarshal([]byte(resp), &lr)
+			r.replicas[r.via].expKnown[lr.AccessToken] = true
+		}
+	case opWhoami:
+		// A whoami is not a use: it does not end a stale answer.
+		affected[a.user] = true
+		path := whoamiV3
+		q := url.Values{}
+		if o.B&1 != 0 {
+			q.Set("access_token", a.tok)
+		}
+		if o.B&2 != 0 {
+			u := modelUser(o.B >> 2)
+			q.Set("user_id", u)
+			affected[u] = true
+		}
+		tok := a.tok
+		if o.B&1 != 0 {
+			tok = ""
+		}
+		if len(q) > 0 {
+			path += "?" + q.Encode()
+		}
+		if _, _, e := r.do("GET", path, tok, ""); e != nil {
+			return nil, false, e
+		}
+	case opLogout:
+		use(a)
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"logout", a.tok, "{}")
+	case opLogoutAll:
+		use(a)
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"logout/all", a.tok, "{}")
+	case opDeleteDevice:
+		use(a)
+		_, _, err = r.revoke(o, "DELETE", r.client_(o.A)+"devices/"+url.PathEscape(b.device), a.tok, withAuth(uia(o.B&1 != 0)))
+	case opDeleteDevices:
+		use(a)
+		dev, _ := json.Marshal(b.device)
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"delete_devices", a.tok, withAuth(`"devices":[`+string(dev)+`]`, uia(o.B&1 != 0)))
+	case opPassword:
+		use(a)
+		lo := ""
+		if o.B&2 != 0 {
+			lo = `"logout_devices":false`
+		}
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"account/password", a.tok, withAuth(`"new_password":"x"`, lo, uia(o.B&1 != 0)))
+	case opDeactivate:
+		use(a)
+		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"account/deactivate", a.tok, withAuth(uia(o.B&1 != 0)))
+	case opAdminDeactivate:
+		use(a)
+		u := modelUser(o.B)
+		affected[u] = true
+		_, _, err = r.revoke(o, "POST", "/_synapse/admin/v1/deactivate/"+url.PathEscape(u), a.tok, `{"erase":false}`)
+	case opAdminDeleteDevice:
+		use(a)
+		affected[b.user] = true
+		_, _, err = r.revoke(o, "DELETE", "/_synapse/admin/v2/users/"+url.PathEscape(b.user)+"/devices/"+url.PathEscape(b.device), a.tok, "")
+	case opMASDeleteDevice:
+		affected[b.user] = true
+		_, _, err = r.do("POST", "/_synapse/mas/delete_device", modelMASToken,
+			fmt.Sprintf(`{"localpart":%q,"device_id":%q}`, localpartOf(b.user), b.device))
+	case opMASDeleteUser:
+		u := modelUser(o.B)
+		affected[u] = true
+		_, _, err = r.do("POST", "/_synapse/mas/delete_user", modelMASToken, fmt.Sprintf(`{"localpart":%q,"erase":false}`, localpartOf(u)))
+	case opMASSyncDevices:
+		affected[b.user] = true
+		dev, _ := json.Marshal(b.device)
+		_, _, err = r.do("POST", "/_synapse/mas/sync_devices", modelMASToken,
+			fmt.Sprintf(`{"localpart":%q,"devices":[%s]}`, localpartOf(b.user), dev))
+	case opAdminResetPassword:
+		use(a)
+		u := modelUser(o.B)
+		affected[u] = true
+		_, _, err = r.do("POST", "/_synapse/admin/v1/reset_password/"+url.PathEscape(u), a.tok,
+			fmt.Sprintf(`{"new_password":"x","logout_devices":%t}`, o.B&0x40 == 0))
+	case opBurst:
+		// Checked at the next quiescent point, when every request is
+		// answered: a lookup that raced the logout must not have cached
+		// the token again.
+		affected[a.user] = true
+		delete(r.behindAt, a.tok)
+		r.concurrent = true
+		var wg sync.WaitGroup
+		errs := make(chan error, 16)
+		for i := range 2 * len(r.replicas) {
+			wg.Go(func() {
+				if _, _, e := r.doVia(i%len(r.replicas), "GET", whoamiV3, a.tok, ""); e != nil {
+					errs <- e
+				}
+			})
+		}
+		wg.Go(func() {
+			method, path, body := "GET", "/_matrix/client/v3/sync", ""
+			if o.B&1 != 0 {
+				method, path, body = "POST", "/_matrix/client/v3/logout", "{}"
+			}
+			if _, _, e := r.doVia(r.via, method, path, a.tok, body); e != nil {
+				errs <- e
+			}
+		})
+		wg.Wait()
+		r.concurrent = false
+		close(errs)
+		err = <-errs
+	case opBehindBack:
+		affected[a.user] = true
+		r.hs.mu.Lock()
+		switch o.B % 3 {
+		case 0:
+			r.hs.revokeWhere(func(t *modelToken) bool { return t == a })
+		case 1:
+			r.hs.revokeWhere(func(t *modelToken) bool { return t.user == a.user && t.device == a.device })
+		default:
+			r.hs.revokeWhere(func(t *modelToken) bool { return t.user == a.user })
+		}
+		r.hs.mu.Unlock()
+		r.markBehind(before)
+	case opAdvance:
+		r.clock.Advance(time.Duration(int(o.A)%90+1) * time.Second)
+		return nil, true, nil
+	case opUse:
+		use(a)
+		_, _, err = r.do("GET", "/_matrix/client/v3/sync", a.tok, "")
+	case opRefresh:
+		// A refresh carries no access token: not a use of a.
+		affected[a.user] = true
+		if a.refresh == "" {
+			return affected, false, nil
+		}
+		status, resp, e := r.do("POST", "/_matrix/client/v3/refresh", "", fmt.Sprintf(`{"refresh_token":%q}`, a.refresh))
+		if e != nil {
+			return nil, false, e
+		}
+		if status == 200 {
+			var rr struct {
+				AccessToken string `json:"access_token"`
+			}
+			_ = json.Unmarshal([]byte(resp), &rr)
+			r.replicas[r.via].expKnown[rr.AccessToken] = true
+		}
+		// README: the access token a refresh deletes lives until its
+		// announced expiry or CACHE_TTL.
+		r.markBehind(before)
+	case opRestart:
+		if err := r.quiesce(tb); err != nil {
+			return nil, false, err
+		}
+		r.stop(r.via)
+		if r.redis != nil {
+			r.pubOff[r.via] = r.cumPublished(tb, r.via)
+		}
+		r.start(tb, r.via)
+		r.waitBuses(tb)
+		if r.redis != nil {
+			r.rebase(tb, r.via)
+		}
+		return nil, true, nil
+	case opRedisBounce:
+		if r.redis == nil {
+			return affected, false, nil
+		}
+		r.redis.bounce(tb, r)
+		return nil, true, nil
+	}
+	return affected, false, err
+}
+
+// liveSet is the set of tokens the model holds valid (ignoring expiry).
+func (r *coherenceRig) liveSet() map[*modelToken]bool {
+	r.hs.mu.Lock()
+	defer r.hs.mu.Unlock()
+	live := map[*modelToken]bool{}
+	for _, t := range r.hs.tokens {
+		if !t.revoked {
+			live[t] = true
+		}
+	}
+	return live
+}
+
+// markBehind records the tokens revoked since before as revoked behind the
+// proxy's back.
+func (r *coherenceRig) markBehind(before map[*modelToken]bool) {
+	for t := range before {
+		if t.revoked {
+			r.behindAt[t.tok] = r.clock.Now()
+		}
+	}
+}
+
+// checkKey is one whoami the check asks: a token, optionally masquerading,
+// in the header or in the query.
+type checkKey struct {
+	tok    *modelToken
+	asUser string
+	query  bool
+}
+
+func (r *coherenceRig) checkKeys() []checkKey {
+	r.hs.mu.Lock()
+	defer r.hs.mu.Unlock()
+	var keys []checkKey
+	for _, t := range r.hs.tokens {
+		keys = append(keys, checkKey{tok: t}, checkKey{tok: t, query: true})
+		if t.appservice {
+			for _, u := range []string{"@bridge_a:hs", "@bridge_b:hs", "@u1:hs"} {
+				keys = append(keys, checkKey{tok: t, asUser: u})
+			}
+		}
+	}
+	return keys
+}
+
+// check asks every key through the proxy and compares with the model.
+func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map[string]int) error {
+	now := r.clock.Now()
+	for i := range r.replicas {
+		for _, k := range r.checkKeys() {
+			err := r.checkOne(i, k, now)
+			// Another replica learns of the step over the bus, a moment
+			// later: it is checked again until it agrees, a bounded number
+			// of times (a quiescent point, not a deadline).
+			for try := 0; err != nil && r.redis != nil && i != r.via && try < coherenceBusTries; try++ {
+				time.Sleep(20 * time.Millisecond)
+				err = r.checkOne(i, k, now)
+			}
+			if err != nil {
+				if len(r.replicas) > 1 {
+					err = fmt.Errorf("replica %d: %w", i, err)
+				}
+				return err
+			}
+		}
+	}
+	// Entries of users the step does not concern must still be there.
+	if !all {
+		for _, k := range r.checkKeys() {
+			if k.asUser != "" || k.query || !r.cached[k.tok.tok] || affected[k.tok.user] {
+				continue
+			}
+			if k.tok.appservice && (affected[modelASUser] || affected["@bridge_a:hs"] || affected["@bridge_b:hs"] || affected["@u1:hs"]) {
+				continue
+			}
+			if st, _, _ := r.hs.answer(k.tok.tok, ""); st != 200 {
+				continue
+			}
+			if n := r.hs.whoamiCount(k.tok.tok) - callsBefore[k.tok.tok+"|"]; n > 0 {
+				return fmt.Errorf("the step made the entry of %s (%s), whom it does not concern, vanish (%d re-fetches)", k.tok.tok, k.tok.user, n)
+			}
+		}
+	}
+	clear(r.cached)
+	for _, k := range r.checkKeys() {
+		if st, _, _ := r.hs.answer(k.tok.tok, ""); st == 200 && k.asUser == "" && !k.query {
+			r.cached[k.tok.tok] = true
+		}
+	}
+	return nil
+}
+
+// coherenceBusTries bounds the re-checks of a replica waiting for the bus.
+const coherenceBusTries = 250
+
+// checkOne asks one whoami through replica i and compares with the model.
+func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time) error {
+	q := url.Values{}
+	if k.asUser != "" {
+		q.Set("user_id", k.asUser)
+	}
+	tok := k.tok.tok
+	if k.query {
+		q.Set("access_token", tok)
+		tok = ""
+	}
+	path := whoamiV3
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	status, body, err := r.doVia(i, "GET", path, tok, "")
+	if err != nil {
+		return err
+	}
+	var got struct {
+		UserID   string `json:"user_id"`
+		DeviceID string `json:"device_id"`
+	}
+	_ = json.Unmarshal([]byte(body), &got)
+	gotS := fmt.Sprintf("%d %s %s", status, got.UserID, got.DeviceID)
+	if status != 200 {
+		gotS = fmt.Sprint(status)
+	}
+	ws, wu, wd := r.hs.answer(k.tok.tok, k.asUser)
+	want := fmt.Sprintf("%d %s %s", ws, wu, wd)
+	if ws != 200 {
+		want = fmt.Sprint(ws)
+	}
+	key := fmt.Sprintf("%d|%s|%s|%t", i, k.tok.tok, k.asUser, k.query)
+	name := k.tok.tok
+	if k.query {
+		name += " (query)"
+	}
+	if k.asUser != "" {
+		name += " as " + k.asUser
+	}
+	if gotS != want {
+		if ws == 401 && status == 200 && gotS == r.lastGood[key] && r.mayBeStale(i, k.tok, now) {
+			return nil
+		}
+		if status == 401 && ws == 200 {
+			return fmt.Errorf("whoami of %s (%s): proxy says 401, homeserver %s (errs towards 401, but wrongly)", name, k.tok.user, want)
+		}
+		return fmt.Errorf("whoami of %s (%s): proxy says %q, homeserver %q", name, k.tok.user, gotS, want)
+	}
+	if status == 200 {
+		r.lastGood[key] = gotS
+	}
+	return nil
+}
+
+// mayBeStale says whether the README lets the proxy still answer a
+// positive whoami for t, which the homeserver no longer accepts.
+func (r *coherenceRig) mayBeStale(i int, t *modelToken, now time.Time) bool {
+	expKnown := r.replicas[i].expKnown
+	expired := !t.exp.IsZero() && now.After(t.exp)
+	if at, ok := r.behindAt[t.tok]; ok && now.Before(at.Add(modelTTL)) && !(expKnown[t.tok] && expired) {
+		return true
+	}
+	// Expiry the proxy did not see announced: a positive answer cached
+	// before the expiry lives at most CACHE_TTL.
+	return expired && !expKnown[t.tok] && now.Before(t.exp.Add(modelTTL))
+}
+
+func (r *coherenceRig) calls() map[string]int {
+	r.hs.mu.Lock()
+	defer r.hs.mu.Unlock()
+	return maps.Clone(r.hs.whoamis)
+}
+
+// runCoherence runs ops and returns the first violation, naming the step.
+func runCoherence(tb testing.TB, ops []modelOp) error {
+	tb.Helper()
+	r := newCoherenceRig(tb)
+	defer r.close()
+	return r.run(tb, ops)
+}
+
+func (r *coherenceRig) run(tb testing.TB, ops []modelOp) error {
+	tb.Helper()
+	r.waitBuses(tb)
+	if err := r.check(nil, true, nil); err != nil {
+		return fmt.Errorf("before any step: %w", err)
+	}
+	if err := r.quiesce(tb); err != nil {
+		return err
+	}
+	for i, o := range ops {
+		before := r.calls()
+		affected, all, err := r.step(tb, o)
+		if err == nil {
+			err = r.quiesce(tb)
+		}
+		if err != nil {
+			return fmt.Errorf("step %d %v: %w", i, o, err)
+		}
+		if err := r.check(affected, all, before); err != nil {
+			return fmt.Errorf("after step %d %v: %w", i, o, err)
+		}
+		// What the check itself sent over the bus is carried before the
+		// next step, so that it is not taken for the next step's doing.
+		if err := r.quiesce(tb); err != nil {
+			return fmt.Errorf("after step %d %v: %w", i, o, err)
+		}
+	}
+	return nil
+}
+
+// shrinkOps finds a shorter sequence that still fails: it drops operations
+// one at a time, then simplifies operands, within a bounded number of runs.
+func shrinkOps(ops []modelOp, maxRuns int, run func([]modelOp) error) ([]modelOp, error) {
+	err := run(ops)
+	if err == nil {
+		return ops, nil
+	}
+	runs := 1
+	for changed := true; changed && runs < maxRuns; {
+		changed = false
+		for i := len(ops) - 1; i >= 0 && runs < maxRuns; i-- {
+			cand := append(append([]modelOp(nil), ops[:i]...), ops[i+1:]...)
+			runs++
+			if e := run(cand); e != nil {
+				ops, err, changed = cand, e, true
+			}
+		}
+		for i := range ops {
+			for _, simplify := range []func(modelOp) modelOp{
+				func(o modelOp) modelOp { o.A = 0; return o },
+				func(o modelOp) modelOp { o.B = 0; return o },
+			} {
+				simpler := simplify(ops[i])
+				if simpler == ops[i] || runs >= maxRuns {
+					continue
+				}
+				cand := append([]modelOp(nil), ops...)
+				cand[i] = simpler
+				runs++
+				if e := run(cand); e != nil {
+					ops, err, changed = cand, e, true
+				}
+			}
+		}
+	}
+	return ops, err
+}
+
+// regressionTest prints ops as a unit test to paste; runner is the
+// function that runs them (runCoherence, runCoherenceReplicas).
+func regressionTest(ops []modelOp, err error, runner string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "// %v\nfunc TestCoherenceRegression(t *testing.T) {\n\tops := []modelOp{\n", err)
+	for _, o := range ops {
+		fmt.Fprintf(&b, "\t\t%v,\n", o)
+	}
+	fmt.Fprintf(&b, "\t}\n\tif err := %s(t, ops); err != nil {\n\t\tt.Fatal(err)\n\t}\n}\n", runner)
+	return b.String()
+}
+
+// FuzzCoherence decodes its input into operations and checks the proxy
+// against the model after each. Its seed corpus (testdata/fuzz/
+// FuzzCoherence) runs in go test; go test -fuzz FuzzCoherence ./proxy
+// explores further.
+func FuzzCoherence(f *testing.F) {
+	for _, seed := range coherenceSeeds {
+		f.Add(encodeOps(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		ops := decodeOps(data)
+		if err := runCoherence(t, ops); err != nil {
+			shrunk, serr := shrinkOps(ops, 300, func(ops []modelOp) error { return runCoherence(t, ops) })
+			if serr == nil {
+				serr = fmt.Errorf("did not fail again when re-run (timing-dependent): %w", err)
+			}
+			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr, "runCoherence"))
+		}
+	})
+}
+
+// coherenceSeeds are sequences that reach each operation at least once.
+var coherenceSeeds = [][]modelOp{
+	{{opLogin, 1, 0}, {opLogin, 2, 1}, {opWhoami, 1, 0}, {opLogout, 1, 0}, {opWhoami, 2, 1}},
+	{{opLogin, 1, 1}, {opLogin, 1, 2}, {opLogoutAll, 1, 0}, {opLogin, 2, 0}, {opUse, 3, 0}},
+	{{opLogin, 1, 1}, {opLogin, 1, 2}, {opDeleteDevice, 1, 3}, {opDeleteDevice, 1, 2}, {opDeleteDevices, 1, 1}, {opDeleteDevices, 1, 2}},
+	{{opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 0}, {opPassword, 1, 1}, {opPassword, 1, 0}, {opPassword, 3, 2}},
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opDeactivate, 1, 1}, {opDeactivate, 1, 0}, {opDeactivate, 2, 0}},
+	{{opLogin, 0, 0}, {opLogin, 1, 0}, {opLogin, 3, 0}, {opAdminDeactivate, 2, 0}, {opAdminDeactivate, 1, 1}, {opAdminDeleteDevice, 1, 3}},
+	{{opLogin, 1, 1}, {opLogin, 3, 0}, {opMASDeleteDevice, 0, 1}, {opMASDeleteUser, 0, 3}, {opWhoami, 0, 2 | 3<<2}},
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opBehindBack, 1, 0}, {opAdvance, 30, 0}, {opUse, 1, 0}, {opBehindBack, 2, 2}, {opAdvance, 89, 0}, {opAdvance, 89, 0}},
+	{{opLogin, 1, 0x81}, {opAdvance, 10, 0}, {opRefresh, 1, 0}, {opRefresh, 2, 0}, {opAdvance, 25, 0}, {opWhoami, 3, 0}, {opAdvance, 60, 0}},
+	{{opLogin, 1, 0x80}, {opLogin, 2, 0}, {opRestart, 0, 0}, {opAdvance, 40, 0}, {opWhoami, 1, 1}, {opAdvance, 89, 0}, {opAdvance, 89, 0}},
+	// Odd device IDs, through every version prefix.
+	{{opLogin, 1, 3}, {opLogin, 1, 4}, {opLogin, 1, 5}, {opLogin, 2, 6}, {opLogin, 2, 7}, {opLogin, 0, 8},
+		{opDeleteDevice, 1, 2}, {opDeleteDevice, 65, 3}, {opDeleteDevices, 129, 4}, {opAdminDeleteDevice, 6, 5}, {opAdminDeleteDevice, 198, 3}, {opLogout, 4, 0}},
+	// Clients hanging up before the answer.
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opLogin, 1, 1}, {opLogin, 0, 0}, {opLogin, 2, 2}, {opLogout, 1, 0x40}, {opLogoutAll, 2, 0x40},
+		{opDeleteDevice, 3, 0x40}, {opPassword, 5, 0x40}, {opDeactivate, 5, 0x40}, {opAdminDeactivate, 4, 0x40 | 1}, {opDeleteDevice, 3, 0x41}},
+	{{opLogin, 0, 0}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 0, 3}, {opMASSyncDevices, 0, 2}, {opAdminResetPassword, 1, 0x41},
+		{opAdminResetPassword, 1, 1}, {opAdminResetPassword, 1, 0}, {opLogin, 2, 0}, {opAdminResetPassword, 5, 2}},
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opBurst, 1, 0}, {opBurst, 1, 1}, {opBehindBack, 2, 0}, {opBurst, 2, 0}},
+	{{opLogin, 4, 0}, {opWhoami, 0, 2 | 4<<2}, {opWhoami, 0, 2 | 1<<2}, {opAdminDeactivate, 0, 4}, {opLogin, 0, 0}, {opAdminDeactivate, 2, 4}},
+}
+
+// The check must see what it is there to see: a stale answer the README
+// does not allow, and a step that made other users' entries vanish.
+func TestCoherenceCheckCatches(t *testing.T) {
+	tests := []struct {
+		name   string
+		break_ func(r *coherenceRig) (affected map[string]bool)
+		want   string
+	}{
+		{
+			name: "a revocation the check was not told is behind the proxy's back",
+			break_: func(r *coherenceRig) map[string]bool {
+				r.hs.mu.Lock()
+				r.hs.revokeWhere(func(t *modelToken) bool { return t.user == "@u1:hs" })
+				r.hs.mu.Unlock()
+				return map[string]bool{"@u1:hs": true}
+			},
+			want: `proxy says "200 @u1:hs D1", homeserver "401"`,
+		},
+		{
+			name: "a step concerning @u1 that empties the cache",
+			break_: func(r *coherenceRig) map[string]bool {
+				r.stop(0)
+				r.start(t, 0)
+				return map[string]bool{"@u1:hs": true}
+			},
+			want: "whom it does not concern, vanish",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := newCoherenceRig(t)
+			defer r.close()
+			for _, o := range []modelOp{{opLogin, 1, 1}, {opLogin, 2, 2}} {
+				if _, _, err := r.step(t, o); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := r.check(nil, true, nil); err != nil {
+				t.Fatal(err)
+			}
+			before := r.calls()
+			affected := tt.break_(r)
+			err := r.check(affected, false, before)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("check says %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestShrinkOpsPrintsShortestSequence(t *testing.T) {
+	// A stand-in failure: a logout followed, later, by a deactivation.
+	fails := func(ops []modelOp) error {
+		seen := false
+		for _, o := range ops {
+			seen = seen || o.Kind == opLogout
+			if seen && o.Kind == opDeactivate {
+				return fmt.Errorf("failed")
+			}
+		}
+		return nil
+	}
+	var ops []modelOp
+	for i := range 20 {
+		ops = append(ops, modelOp{opKind(i % int(numOps)), uint8(i), uint8(3 * i)})
+	}
+	ops = append(ops, modelOp{opDeactivate, 7, 9})
+	got, err := shrinkOps(ops, 1000, fails)
+	want := []modelOp{{opLogout, 0, 0}, {opDeactivate, 0, 0}}
+	if err == nil || fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("shrunk to %v (%v), want %v", got, err, want)
+	}
+	test := regressionTest(got, err, "runCoherence")
+	for _, line := range []string{"func TestCoherenceRegression(t *testing.T) {", "{opLogout, 0, 0},", "{opDeactivate, 0, 0},", "runCoherence(t, ops)"} {
+		if !strings.Contains(test, line) {
+			t.Errorf("printed test lacks %q:\n%s", line, test)
+		}
+	}
+}
+
+// A client hanging up: the call reaches the homeserver, the client is gone
+// before the answer, and the proxy still drops the token.
+func TestCoherenceHangUp(t *testing.T) {
+	r := newCoherenceRig(t)
+	defer r.close()
+	if _, _, err := r.step(t, modelOp{opLogin, 1, 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.check(nil, true, nil); err != nil {
+		t.Fatal(err)
+	}
+	tok := r.token(1)
+	var arrived chan struct{}
+	r.hs.mu.Lock()
+	r.hs.onHold = func(h *modelHold) { arrived = h.arrived }
+	r.hs.mu.Unlock()
+	if _, _, err := r.step(t, modelOp{opLogout, 1, 0x40}); err != nil {
+		t.Fatal(err)
+	}
+	if arrived == nil {
+		t.Fatal("the logout was not held at the homeserver")
+	}
+	if st, _, _ := r.hs.answer(tok.tok, ""); st != 401 {
+		t.Fatalf("the homeserver did not log out: %d", st)
+	}
+	if err := r.check(nil, true, nil); err != nil {
+		t.Fatal(err)
+	}
+}
