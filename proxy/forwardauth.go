@@ -263,7 +263,7 @@ func (p *Proxy) decide(w http.ResponseWriter, r *http.Request, c *caller, pl *au
 	case tokencache.Uncacheable:
 		switch st := a.Meta.(*replay).status; st {
 		case http.StatusOK:
-			if _, _, ok := parseWhoami([]byte(a.Body)); ok {
+			if a.UserID != "" {
 				// A user MAS locked, or a token MAS calls inactive
 				// (mas.go): about to be revoked.
 				return unauthenticated(w)

@@ -233,7 +233,7 @@ func (p *Proxy) masReview(ctx context.Context, key tokencache.Key, token string,
 // uncacheableAnswer is a positive answer handed back as it came, never
 // stored.
 func uncacheableAnswer(a tokencache.Answer) tokencache.Answer {
-	return tokencache.Answer{Kind: tokencache.Uncacheable, Body: a.Body, Meta: a.Meta}
+	return tokencache.Answer{Kind: tokencache.Uncacheable, UserID: a.UserID, DeviceID: a.DeviceID, Body: a.Body, Meta: a.Meta}
 }
 
 // masCall is the body of a MAS → Synapse call, as Synapse's request models

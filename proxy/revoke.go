@@ -145,13 +145,11 @@ func (p *Proxy) resolveCaller(w http.ResponseWriter, r *http.Request, c *caller,
 		case rp != nil && rp.status >= 500:
 			writeAnswer(w, ans) // the homeserver's own trouble
 			return false
-		case rp != nil && rp.status == http.StatusOK:
+		case ans.UserID != "":
 			// A 200 the cache does not keep still names the caller: an
 			// ordinary token with a masquerade Synapse ignored (the
 			// call is then the token's own), or a user MAS locked.
-			if user, device, ok := parseWhoami([]byte(ans.Body)); ok {
-				pl.user, pl.device, pl.caller = user, device, callerKnown
-			}
+			pl.user, pl.device, pl.caller = ans.UserID, ans.DeviceID, callerKnown
 		}
 	}
 	// Otherwise an unknown or expired token (Synapse lets a soft-logged-out

@@ -107,11 +107,16 @@ func (p *Proxy) answerFor(reply *upstream.Reply, m tokencache.Masquerade) (token
 	body := string(reply.Body)
 	switch reply.Status {
 	case http.StatusOK:
-		if user, device, ok := parseWhoami(reply.Body); ok && masqueradeHeld(m, user, device) {
+		user, device, ok := parseWhoami(reply.Body)
+		if ok && masqueradeHeld(m, user, device) {
 			return tokencache.Answer{Kind: tokencache.Positive, UserID: user, DeviceID: device,
 				Body: body, Meta: p.replays.intern(reply.Status, reply.Header, isGuest(reply.Body)),
 				Bound: bindsClient(tokencache.Positive, device, m)}, false
 		}
+		// Not kept, but it still names the caller (see tokencache.Answer).
+		a := uncacheable(reply, body)
+		a.UserID, a.DeviceID = user, device
+		return a, false
 	case http.StatusUnauthorized:
 		if errcode, soft, ok := parseError(reply.Body); ok && errcode == "M_UNKNOWN_TOKEN" {
 			if soft {

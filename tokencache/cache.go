@@ -49,9 +49,12 @@ const (
 // Answer is what the homeserver said about a token, kept verbatim so that the
 // caller can replay it.
 type Answer struct {
-	Kind     Kind
-	UserID   string // Positive only
-	DeviceID string // Positive only; empty for device-less appservice users
+	Kind Kind
+	// UserID and DeviceID: whose token it is, for a Positive answer and
+	// for an Uncacheable one that names a user all the same (handed back,
+	// never stored). DeviceID is empty for device-less appservice users.
+	UserID   string
+	DeviceID string
 	// Body is the homeserver's response body. For a positive answer it
 	// must contain UserID and DeviceID verbatim (as a whoami body does):
 	// the stored answer keeps only the body and where in it they are, so a
