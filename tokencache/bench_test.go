@@ -67,13 +67,6 @@ func fillN(tb testing.TB, c *Cache, h *Hasher, prefix string, n int, user func(i
 	return keys
 }
 
-// seqNow is the invalidation sequence a lookup starting now would see.
-func (c *Cache) seqNow() uint64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.seq
-}
-
 // BenchmarkHit is the cache lookup alone: key hash plus Get. It must not
 // allocate.
 func BenchmarkHit(b *testing.B) {

@@ -22,6 +22,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"hash/maphash"
 	"math"
 	"slices"
 	"strings"
@@ -29,7 +30,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -133,19 +133,6 @@ type Config struct {
 // An error is never cached.
 type Fetch func(ctx context.Context) (Answer, error)
 
-// entry is a stored answer, packed into 32 bytes: at a million tokens every
-// byte counts, and the LRU's own node carries it by value. UserID and
-// DeviceID are spans of the body, which holds them anyway (a Matrix user ID
-// is at most 255 bytes; longer IDs are not stored); Meta is an index into
-// the cache's few distinct metas.
-type entry struct {
-	body               string
-	expires            int64 // unix nanoseconds
-	userOff, deviceOff uint16
-	userLen, deviceLen uint8
-	meta               uint8
-}
-
 // locate finds v in body; ok is false when it is not there or too long.
 func locate(body, v string) (off uint16, n uint8, ok bool) {
 	if v == "" {
@@ -158,98 +145,114 @@ func locate(body, v string) (off uint16, n uint8, ok bool) {
 	return uint16(i), uint8(len(v)), true
 }
 
-func (e *entry) userID() string {
-	return e.body[e.userOff : int(e.userOff)+int(e.userLen)]
-}
-
-func (e *entry) deviceID() string {
-	return e.body[e.deviceOff : int(e.deviceOff)+int(e.deviceLen)]
-}
-
 // maxMetas bounds the distinct Answer.Meta values the cache holds (the
 // proxy interns its replayed headers, so it has a handful).
 const maxMetas = 256
 
-// pack makes an entry of a, expiring at expires (unix ns); ok is false when
-// a cannot be stored (see Answer.Body, Answer.Meta). Called with mu held.
-func (c *Cache) pack(a Answer, expires int64) (entry, bool) {
-	e := entry{body: a.Body, expires: expires}
+// pack makes a node of a, expiring at expires (unix ns); ok is false when
+// a cannot be stored (see Answer.Body, Answer.Meta).
+func (c *Cache) pack(a Answer, expires int64) (node, bool) {
+	n := node{body: a.Body, expires: expires}
 	if len(a.Body) > math.MaxUint16 {
-		return e, false
+		return n, false
 	}
 	var okU, okD, okM bool
-	e.userOff, e.userLen, okU = locate(a.Body, a.UserID)
-	e.deviceOff, e.deviceLen, okD = locate(a.Body, a.DeviceID)
-	e.meta, okM = c.metaIndex(a.Meta)
-	return e, okU && okD && okM
+	n.userOff, n.userLen, okU = locate(a.Body, a.UserID)
+	n.deviceOff, n.deviceLen, okD = locate(a.Body, a.DeviceID)
+	n.meta, okM = c.metaIndex(a.Meta)
+	return n, okU && okD && okM
 }
 
-func (c *Cache) unpack(e entry, k Kind) Answer {
-	return Answer{Kind: k, UserID: e.userID(), DeviceID: e.deviceID(), Body: e.body, Meta: c.metas[e.meta]}
+func (c *Cache) unpack(n *node, k Kind) Answer {
+	return Answer{Kind: k, UserID: n.userID(), DeviceID: n.deviceID(), Body: n.body, Meta: c.metas[n.meta]}
 }
 
 // metaIndex returns the index of m in c.metas, adding it if there is room.
-// Called with mu held.
+// The metas seen so far are read without a lock: an index is published
+// (nmetas) only after its meta is written, and never changes.
 func (c *Cache) metaIndex(m any) (uint8, bool) {
-	for i, x := range c.metas {
-		if x == m {
+	n := int(c.nmetas.Load())
+	for i := range n {
+		if c.metas[i] == m {
 			return uint8(i), true
 		}
 	}
-	if len(c.metas) == maxMetas {
+	c.metaMu.Lock()
+	defer c.metaMu.Unlock()
+	for i := n; i < int(c.nmetas.Load()); i++ {
+		if c.metas[i] == m {
+			return uint8(i), true
+		}
+	}
+	n = int(c.nmetas.Load())
+	if n == maxMetas {
 		return 0, false
 	}
-	c.metas = append(c.metas, m)
-	return uint8(len(c.metas) - 1), true
+	c.metas[n] = m
+	c.nmetas.Store(int32(n + 1))
+	return uint8(n), true
 }
-
-// alive reports whether e is still good at now (unix ns).
-func alive(e entry, now int64) bool { return now < e.expires }
 
 // Cache is safe for concurrent use.
+//
+// Its answers are spread over shards by key (see shard): a lookup locks
+// only its key's shard, and reads the state all shards share (pending
+// invalidations, the invalidation sequence) through atomics that only
+// invalidations write, so lookups on different cores write no memory in
+// common. The bounds (Size positive answers, Size/8 negative ones) hold
+// for the whole cache, counted with atomics by fills and removals; a full
+// cache evicts from the shard it stores in (keys are keyed hashes: shards
+// fill evenly, so their CLOCKs together approximate one LRU).
 type Cache struct {
-	size          int
+	// Read by every lookup, written rarely.
+	shards   []shard
+	shift    uint // a key's shard: keyHash(key) >> shift
+	now      func() time.Time
+	userHash func(string) uint64
+	// npending is len(pending): lookups and fills look at pending only
+	// while it is not zero.
+	npending atomic.Int32
+	// seq counts invalidations (see log); written under invMu.
+	seq    atomic.Uint64
+	maxTTL atomic.Int64 // ns; 0: none (see SetMaxTTL)
+	// metas are the distinct Answer.Meta values, indexed by node.meta;
+	// nmetas of them are set.
+	metas  [maxMetas]any
+	nmetas atomic.Int32
+
+	size, negSize int // bounds of positive and negative answers
 	ttl, negTTL   time.Duration
 	lookupTimeout time.Duration
-	now           func() time.Time
 	onDrop        func(Reason, int)
 	onInvalidate  func(Invalidation)
-
-	flights singleflight.Group
-	maxTTL  atomic.Int64 // ns; 0: none (see SetMaxTTL)
-
-	mu  sync.Mutex
-	pos *simplelru.LRU[Key, entry]
-	neg *simplelru.LRU[Key, entry] // nil when NegativeTTL is 0
-	// users indexes positive entries by user ID (for per-device and per-user
-	// invalidation); variants indexes the masqueraded and bound keys of a
-	// token (plain keys need no index: Key{Token: id} finds them). Both only
-	// ever hold keys that are in pos or neg, so Size bounds them too.
-	users    keySets[string]
-	variants keySets[TokenID]
-	// pending are the invalidations being carried out in batches (see
-	// Apply): until they end, Get serves and fill stores no answer they
-	// cover.
-	pending []*Invalidation
 	// betweenBatches, if set (tests), runs between two batches of a large
-	// invalidation, without the lock.
+	// invalidation, without any lock.
 	betweenBatches func()
-	// deadlines remembers the end of life the homeserver announced for a
-	// token (expires_in_ms) before that token is ever looked up.
-	deadlines *simplelru.LRU[TokenID, int64]
-	// metas are the distinct Answer.Meta values, indexed by entry.meta.
-	metas []any
-	// dropping is the reason given to the LRU eviction callback: capacity
-	// unless an invalidation is under way.
-	dropping Reason
-	dropped  int
-	// replacing tells the eviction callback that clearKey is at work.
-	replacing bool
+
+	// Written by fills and invalidations, kept off the lines above.
+	_ [128]byte
+	// variantKeys counts the keys with a Variant held in all shards: while
+	// there are none, a token's invalidation concerns one shard only.
+	variantKeys atomic.Int64
+	// npos and nneg count the answers held in all shards, and those being
+	// stored (see shard.add).
+	npos, nneg atomic.Int64
+	flights    singleflight.Group
+	metaMu     sync.Mutex
+	// invMu guards pending and log. It is taken after a shard's lock,
+	// never before.
+	invMu sync.Mutex
+	// pending are the invalidations being carried out (see Apply): until
+	// they end, Get serves and fill stores no answer they cover.
+	pending []*Invalidation
 	// log remembers recent invalidations, so a lookup that started before
 	// one of them can tell whether its answer is stale (see fill).
-	seq uint64
 	log [invalidationLog]invalidation
 }
+
+// maxShards is the most shards a cache has: enough that two or four cores
+// seldom want the same shard's lock at once.
+const maxShards = 16
 
 // invalidationLog is how many recent invalidations a finishing lookup can
 // check itself against. A lookup that saw more than this many go by while it
@@ -289,7 +292,13 @@ type invalidation struct {
 }
 
 // New returns an empty cache.
-func New(cfg Config) (*Cache, error) {
+func New(cfg Config) (*Cache, error) { return newCache(cfg, maxShards, nil) }
+
+// newCache is New with at most shards shards (a power of two; fewer when
+// Size/8 is smaller, so that every shard holds at least one answer of
+// each kind) and userHash, if not nil, as the hash of user IDs (tests
+// make them collide).
+func newCache(cfg Config, shards int, userHash func(string) uint64) (*Cache, error) {
 	switch {
 	case cfg.Size < 1:
 		return nil, errors.New("tokencache: Size must be at least 1")
@@ -299,6 +308,8 @@ func New(cfg Config) (*Cache, error) {
 		return nil, errors.New("tokencache: NegativeTTL must not be negative")
 	case cfg.LookupTimeout <= 0:
 		return nil, errors.New("tokencache: LookupTimeout must be positive")
+	case shards < 1 || shards&(shards-1) != 0:
+		return nil, errors.New("tokencache: shards must be a power of two")
 	}
 	c := &Cache{
 		size:          cfg.Size,
@@ -308,26 +319,34 @@ func New(cfg Config) (*Cache, error) {
 		now:           cfg.Now,
 		onDrop:        cfg.OnDrop,
 		onInvalidate:  cfg.OnInvalidate,
-		users:         newKeySets[string](),
-		variants:      newKeySets[TokenID](),
-		dropping:      ReasonCapacity,
+		userHash:      userHash,
 	}
 	if c.now == nil {
 		c.now = time.Now
 	}
-	var err error
-	if c.pos, err = simplelru.NewLRU(cfg.Size, c.evicted); err != nil {
-		return nil, err
+	if c.userHash == nil {
+		seed := maphash.MakeSeed()
+		c.userHash = func(u string) uint64 { return maphash.String(seed, u) }
 	}
-	if cfg.NegativeTTL > 0 {
-		if c.neg, err = simplelru.NewLRU(max(cfg.Size/8, 1), c.evicted); err != nil {
-			return nil, err
-		}
+	c.negSize = max(cfg.Size/8, 1)
+	// Fewer shards in a small cache: a full shard evicts its own answers,
+	// and one that holds none of the kind must find another to evict from.
+	for shards > 1 && shards > c.negSize {
+		shards /= 2
 	}
-	if c.deadlines, err = simplelru.NewLRU[TokenID, int64](cfg.Size, nil); err != nil {
-		return nil, err
+	c.shift = 64
+	for n := shards; n > 1; n /= 2 {
+		c.shift--
+	}
+	c.shards = make([]shard, shards)
+	for i := range c.shards {
+		c.shards[i].init(c, (cfg.Size+shards-1)/shards)
 	}
 	return c, nil
+}
+
+func (c *Cache) shardOf(key Key) *shard {
+	return &c.shards[keyHash(key)>>c.shift]
 }
 
 // SetMaxTTL caps the lifetime of positive answers stored from now on (0
@@ -337,37 +356,51 @@ func (c *Cache) SetMaxTTL(d time.Duration) { c.maxTTL.Store(int64(d)) }
 
 // Len returns the number of answers held, positive and negative.
 func (c *Cache) Len() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	n := c.pos.Len()
-	if c.neg != nil {
-		n += c.neg.Len()
+	n := 0
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		n += s.len()
+		s.mu.Unlock()
 	}
 	return n
 }
 
 // Get returns the stored answer for key, if there is a live one.
+//
+// It locks only key's shard and writes nothing else but, the first time an
+// answer is read after the eviction hand passed it, one byte of it.
 func (c *Cache) Get(key Key) (Answer, Result) {
 	now := c.now().UnixNano()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if e, ok := c.pos.Get(key); ok {
-		if !alive(e, now) {
-			c.remove(c.pos, key, ReasonExpired)
-		} else if len(c.pending) == 0 || !c.coveredByPending(key, true, e.userID(), e.deviceID()) {
-			return c.unpack(e, Positive), Hit
-		}
+	s := c.shardOf(key)
+	s.mu.Lock()
+	i := s.get(key)
+	if i == 0 {
+		s.mu.Unlock()
+		return Answer{}, Miss
 	}
-	if c.neg != nil {
-		if e, ok := c.neg.Get(key); ok {
-			if !alive(e, now) {
-				c.remove(c.neg, key, ReasonExpired)
-			} else if len(c.pending) == 0 || !c.coveredByPending(key, false, "", "") {
-				return c.unpack(e, Negative), NegativeHit
-			}
-		}
+	n := s.at(i)
+	if !n.alive(now) {
+		s.dropping = ReasonExpired
+		s.drop(i)
+		s.flushDrops()
+		s.mu.Unlock()
+		return Answer{}, Miss
 	}
-	return Answer{}, Miss
+	kind, res := Negative, NegativeHit
+	if n.flags&flagPositive != 0 {
+		kind, res = Positive, Hit
+	}
+	if c.npending.Load() != 0 && c.coveredByPending(key, kind == Positive, n.userID(), n.deviceID()) {
+		s.mu.Unlock()
+		return Answer{}, Miss
+	}
+	if n.flags&flagRef == 0 {
+		n.flags |= flagRef
+	}
+	a := c.unpack(n, kind)
+	s.mu.Unlock()
+	return a, res
 }
 
 // Resolve returns the answer for key: from the cache, or from fetch, sharing
@@ -388,9 +421,7 @@ func (c *Cache) ResolveBound(ctx context.Context, key, bound Key, fetch Fetch) (
 	if a, r := c.get2(key, bound); r != Miss {
 		return a, r, nil
 	}
-	c.mu.Lock()
-	seq := c.seq
-	c.mu.Unlock()
+	seq := c.seq.Load()
 	// The flight is named after the bound key and the invalidation sequence:
 	// a caller that arrives after an invalidation never joins a lookup that
 	// started before it (and may have been answered before it), and callers
@@ -444,130 +475,90 @@ func flightName(key Key, seq uint64) string {
 
 // fill stores a, the answer of a lookup that started when the invalidation
 // sequence was at seq, unless an invalidation since then concerns it.
+//
+// It checks and stores under key's shard lock. An invalidation records
+// itself (seq, pending) before it drops anything, and drops under the
+// shard locks: so either fill sees it, or fill's store is done before the
+// invalidation looks at the shard, and is dropped by it.
 func (c *Cache) fill(key Key, seq uint64, a Answer) {
-	if a.Kind == Uncacheable || (a.Kind == Negative && c.neg == nil) {
+	if a.Kind == Uncacheable || (a.Kind == Negative && c.negTTL == 0) {
 		return
 	}
 	now := c.now()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.stale(key, seq, a) || (len(c.pending) > 0 && c.coveredByPending(key, a.Kind == Positive, a.UserID, a.DeviceID)) {
-		return
-	}
+	var n node
+	var ok bool
 	if a.Kind == Negative {
-		e, ok := c.pack(Answer{Body: a.Body, Meta: a.Meta}, now.Add(c.negTTL).UnixNano())
-		if !ok {
-			return
+		n, ok = c.pack(Answer{Body: a.Body, Meta: a.Meta}, now.Add(c.negTTL).UnixNano())
+	} else {
+		ttl := c.ttl
+		if m := time.Duration(c.maxTTL.Load()); m > 0 && m < ttl {
+			ttl = m
 		}
-		c.clearKey(key)
-		c.neg.Add(key, e)
-		c.indexVariant(key)
-		c.flushDrops()
+		n, ok = c.pack(a, now.Add(ttl).UnixNano())
+		n.flags = flagPositive
+	}
+	if !ok {
 		return
 	}
-	ttl := c.ttl
-	if m := time.Duration(c.maxTTL.Load()); m > 0 && m < ttl {
-		ttl = m
+	n.key = key
+	s := c.shardOf(key)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if key.Variant != 0 {
+		// Counted before the deadline and the staleness are checked, so
+		// that an invalidation or LimitLifetime that finds no variant
+		// keys held can skip the other shards (see dropToken).
+		c.variantKeys.Add(1)
 	}
-	expires := now.Add(ttl).UnixNano()
-	if d, ok := c.deadlines.Peek(key.Token); ok && d < expires {
-		expires = d
+	if a.Kind == Positive {
+		if d, ok := c.deadline(key.Token); ok && d < n.expires {
+			n.expires = d
+		}
 	}
-	e, ok := c.pack(a, expires)
-	if !ok || !alive(e, now.UnixNano()) {
+	if !n.alive(now.UnixNano()) || ((c.seq.Load() != seq || c.npending.Load() != 0) && c.stale(key, seq, a)) {
+		if key.Variant != 0 {
+			c.variantKeys.Add(-1)
+		}
 		return
 	}
-	c.clearKey(key)
-	c.pos.Add(key, e)
-	if user := e.userID(); user != "" {
-		c.users.add(user, key)
+	// A key holds one answer: a refill of a live key (two lookups on
+	// either side of an unrelated invalidation), or an answer of the other
+	// kind, replaces it without counting a drop.
+	if old := s.get(key); old != 0 {
+		s.remove(old)
 	}
-	c.indexVariant(key)
-	c.flushDrops()
+	s.add(n)
 }
 
-// stale reports whether an invalidation after seq concerns an answer a
-// stored under key. Called with mu held.
+// deadline returns the end of life announced for token, if any. Called
+// with any shard's lock held (deadlinesMu is taken last).
+func (c *Cache) deadline(token TokenID) (int64, bool) {
+	ds := c.shardOf(Key{Token: token})
+	ds.deadlinesMu.Lock()
+	defer ds.deadlinesMu.Unlock()
+	return ds.deadlines.Peek(token)
+}
+
+// stale reports whether an invalidation after seq, or a pending one,
+// concerns an answer a stored under key.
 func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
-	if a.Kind == Negative {
-		// "Unknown" cannot be made wrong by a revocation: homeservers do not
-		// bring a revoked token back, nor issue one a client already sent.
-		return false
-	}
-	if c.seq-seq > invalidationLog {
-		return true // too much happened to tell: do not store
-	}
-	for s := seq + 1; s <= c.seq; s++ {
-		if covers(&c.log[s%invalidationLog].Invalidation, key, true, a.UserID, a.DeviceID) {
-			return true
+	positive := a.Kind == Positive
+	c.invMu.Lock()
+	defer c.invMu.Unlock()
+	// "Unknown" cannot be made wrong by a revocation: homeservers do not
+	// bring a revoked token back, nor issue one a client already sent. So
+	// only positive answers are checked against the log.
+	if now := c.seq.Load(); positive {
+		if now-seq > invalidationLog {
+			return true // too much happened to tell: do not store
+		}
+		for s := seq + 1; s <= now; s++ {
+			if covers(&c.log[s%invalidationLog].Invalidation, key, true, a.UserID, a.DeviceID) {
+				return true
+			}
 		}
 	}
-	return false
-}
-
-func (c *Cache) indexVariant(key Key) {
-	if key.Variant != 0 {
-		c.variants.add(key.Token, key)
-	}
-}
-
-// evicted is the LRUs' eviction callback: it keeps the indexes in step and
-// counts the drop. Called with mu held.
-func (c *Cache) evicted(key Key, e entry) {
-	if c.replacing {
-		return
-	}
-	c.unindex(key, e)
-	c.dropped++
-	if c.dropping == ReasonCapacity {
-		// Capacity evictions happen inside Add; report them one by one.
-		c.flushDrops()
-	}
-}
-
-// clearKey takes out what is held under key before a new answer is stored
-// there, without counting it as dropped: a refill of a live key (two lookups
-// on either side of an unrelated invalidation), or an answer of the other
-// kind. A key holds one answer, in one LRU, so the indexes (sets) hold it
-// once. Called with mu held.
-func (c *Cache) clearKey(key Key) {
-	for _, lru := range [...]*simplelru.LRU[Key, entry]{c.pos, c.neg} {
-		if lru == nil {
-			continue
-		}
-		if old, ok := lru.Peek(key); ok {
-			c.unindex(key, old)
-			c.replacing = true
-			lru.Remove(key)
-			c.replacing = false
-		}
-	}
-}
-
-// unindex removes key, holding e, from the indexes. Called with mu held.
-func (c *Cache) unindex(key Key, e entry) {
-	if user := e.userID(); user != "" {
-		c.users.remove(user, key)
-	}
-	if key.Variant != 0 {
-		c.variants.remove(key.Token, key)
-	}
-}
-
-// remove drops key from lru for reason. Called with mu held.
-func (c *Cache) remove(lru *simplelru.LRU[Key, entry], key Key, reason Reason) {
-	c.dropping = reason
-	lru.Remove(key)
-	c.flushDrops()
-}
-
-// flushDrops reports the drops counted so far. Called with mu held.
-func (c *Cache) flushDrops() {
-	if c.dropped > 0 && c.onDrop != nil {
-		c.onDrop(c.dropping, c.dropped)
-	}
-	c.dropped = 0
-	c.dropping = ReasonCapacity
+	return c.coveredByPendingLocked(key, positive, a.UserID, a.DeviceID)
 }
 
 // InvalidateToken drops every answer for a token (all masquerade variants)
@@ -621,77 +612,180 @@ func (c *Cache) invalidate(inv Invalidation) int {
 // flight from storing answers it concerns.
 //
 // Its work is linear in the keys indexed under the token or user it
-// concerns, and it never holds the cache's lock for more than
-// invalidationBatch of them: a bridge's token with 100,000 masquerades is
-// dropped in batches while other requests go on. Until the last batch is
-// done the invalidation is pending: Get serves no answer it covers and no
-// lookup stores one, so dropping in batches is never seen from outside.
+// concerns (in each shard, a user's ring; a token's variants), and it
+// never holds a lock for more than invalidationBatch of them: a bridge's
+// token with 100,000 masquerades is dropped in batches while other
+// requests go on. An invalidation that may concern more than one shard is
+// pending until the last batch is done: Get serves no answer it covers
+// and no lookup stores one, so dropping shard by shard, in batches, is
+// never seen from outside.
 func (c *Cache) Apply(inv Invalidation) int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.seq++
-	c.log[c.seq%invalidationLog] = invalidation{inv, c.seq}
-	if inv.Scope == ScopeAll {
-		return c.purge(inv.Reason)
-	}
-	var small []Key
-	var big map[Key]struct{}
+	c.invMu.Lock()
+	seq := c.seq.Load() + 1
+	c.log[seq%invalidationLog] = invalidation{inv, seq}
+	c.seq.Store(seq)
+	c.invMu.Unlock()
 	switch inv.Scope {
+	case ScopeAll:
+		return c.purge(&inv)
 	case ScopeToken:
-		small, big = c.variants.get(inv.Token)
-		small = append(small, Key{Token: inv.Token})
+		return c.dropToken(&inv)
 	case ScopeDevice, ScopeUser, ScopeDevicesExcept:
-		small, big = c.users.get(inv.UserID)
+		return c.dropUser(&inv)
 	}
-	c.dropping = inv.Reason
+	return 0
+}
+
+// invalidationBatch is the most keys an invalidation visits per hold of a
+// shard's lock.
+const invalidationBatch = 500
+
+// batches counts the keys an invalidation visited, across shards, and
+// pauses it every invalidationBatch of them.
+type batches struct {
+	c       *Cache
+	reason  Reason
+	visited int
+}
+
+// step counts a visited key, and pauses between batches: s's drops are
+// reported and its lock let go for a moment. Called with s.mu held.
+func (b *batches) step(s *shard) {
+	if b.visited++; b.visited%invalidationBatch != 0 {
+		return
+	}
+	s.flushDrops()
+	s.mu.Unlock()
+	if b.c.betweenBatches != nil {
+		b.c.betweenBatches()
+	}
+	s.mu.Lock()
+	s.dropping = b.reason
+}
+
+// dropToken drops the answers of a token: its plain key in one shard, and
+// its variants (masquerades, bound keys, aspects) wherever their keys fell.
+func (c *Cache) dropToken(inv *Invalidation) int {
+	plain := Key{Token: inv.Token}
+	ps := c.shardOf(plain)
+	// inv is in the log already: a fill that has not counted its variant
+	// key by now will find it there (see fill).
+	if c.variantKeys.Load() == 0 {
+		ps.mu.Lock()
+		ps.dropping = inv.Reason
+		n := ps.dropIfCovered(inv, plain)
+		ps.flushDrops()
+		ps.mu.Unlock()
+		return n
+	}
+	c.addPending(inv)
+	defer c.endPending(inv)
+	b := batches{c: c, reason: inv.Reason}
 	n := 0
-	for _, k := range small {
-		n += c.dropIfCovered(&inv, k)
-	}
-	batched := len(big) > invalidationBatch
-	if batched {
-		c.pending = append(c.pending, &inv)
-		defer c.endPending(&inv)
-	}
-	visited := 0
-	// big is walked across lock releases: every access to it, the range's
-	// steps included, happens with c.mu held, and Go defines ranging over a
-	// map that changes between steps (a key removed before it is reached is
-	// not produced; every key present throughout is). Keys added meanwhile
-	// are not covered (pending keeps covered ones out) and are checked
-	// anyway.
-	for k := range big {
-		n += c.dropIfCovered(&inv, k)
-		if visited++; batched && visited%invalidationBatch == 0 {
-			c.flushDrops()
-			c.mu.Unlock()
-			if c.betweenBatches != nil {
-				c.betweenBatches()
-			}
-			c.mu.Lock()
-			c.dropping = inv.Reason
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		s.dropping = inv.Reason
+		small, big := s.variants.get(inv.Token)
+		if s == ps {
+			small = append(small, plain)
 		}
+		for _, k := range small {
+			n += s.dropIfCovered(inv, k)
+		}
+		// big is walked across lock releases: every access to it, the
+		// range's steps included, happens with s.mu held, and Go defines
+		// ranging over a map that changes between steps (a key removed
+		// before it is reached is not produced; every key present
+		// throughout is). Keys added meanwhile are not covered (pending
+		// keeps covered ones out) and are checked anyway.
+		for k := range big {
+			n += s.dropIfCovered(inv, k)
+			b.step(s)
+		}
+		s.flushDrops()
+		s.mu.Unlock()
 	}
-	c.flushDrops()
 	return n
 }
 
-// invalidationBatch is the most keys an invalidation visits per hold of the
-// cache's lock.
-const invalidationBatch = 500
-
-// dropIfCovered drops what is held under k if inv covers it, and returns how
-// many answers that was (0, 1 or 2). Called with mu held and c.dropping set.
-func (c *Cache) dropIfCovered(inv *Invalidation, k Key) int {
+// dropUser drops the answers inv covers from the user's ring in every
+// shard.
+func (c *Cache) dropUser(inv *Invalidation) int {
+	c.addPending(inv)
+	defer c.endPending(inv)
+	h := c.userHash(inv.UserID)
+	b := batches{c: c, reason: inv.Reason}
 	n := 0
-	if e, ok := c.pos.Peek(k); ok && covers(inv, k, true, e.userID(), e.deviceID()) {
-		c.pos.Remove(k)
-		n++
-	}
-	if inv.Scope == ScopeToken && c.neg != nil && c.neg.Remove(k) {
-		n++
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		s.dropping = inv.Reason
+		n += s.dropUser(inv, h, &b)
+		s.flushDrops()
+		s.mu.Unlock()
 	}
 	return n
+}
+
+// dropUser walks the ring of hash h once, dropping what inv covers. Called
+// with mu held and s.dropping set; b may let go of mu between batches.
+//
+// The walk starts at the ring's head and visits as many nodes as the ring
+// held then. It stays correct across pauses: new nodes go in before the
+// head, which is always behind the walk (so they come after every node
+// not visited yet, and are not covered: inv is pending); a node removed
+// meanwhile moves the paused walk's cursor on (unlinkUser).
+func (s *shard) dropUser(inv *Invalidation, h uint64, b *batches) int {
+	r, ok := s.users[h]
+	if !ok {
+		return 0
+	}
+	n := 0
+	cur := r.head
+	for left := r.n; left > 0 && cur != 0; left-- {
+		s.steps++
+		nd := s.at(cur)
+		next := nd.unext
+		if next == cur {
+			next = 0
+		}
+		if covers(inv, nd.key, true, nd.userID(), nd.deviceID()) {
+			s.drop(cur)
+			n++
+		}
+		cur = next
+		if left > 1 && cur != 0 && (b.visited+1)%invalidationBatch == 0 {
+			p := new(uint32)
+			*p = cur
+			s.cursors = append(s.cursors, p)
+			b.step(s)
+			cur = *p
+			s.cursors = slices.DeleteFunc(s.cursors, func(q *uint32) bool { return q == p })
+		} else {
+			b.visited++
+		}
+	}
+	return n
+}
+
+// dropIfCovered drops what is held under k if inv covers it, and returns how
+// many answers that was (0 or 1). Called with mu held and s.dropping set.
+func (s *shard) dropIfCovered(inv *Invalidation, k Key) int {
+	i := s.get(k)
+	if i == 0 {
+		return 0
+	}
+	n := s.at(i)
+	if n.flags&flagPositive != 0 {
+		if !covers(inv, k, true, n.userID(), n.deviceID()) {
+			return 0
+		}
+	} else if inv.Scope != ScopeToken {
+		return 0
+	}
+	s.drop(i)
+	return 1
 }
 
 // covers reports whether inv concerns an answer held under key (positive,
@@ -714,8 +808,15 @@ func covers(inv *Invalidation, key Key, positive bool, user, device string) bool
 }
 
 // coveredByPending reports whether a pending invalidation covers an answer
-// under key. Called with mu held.
+// under key.
 func (c *Cache) coveredByPending(key Key, positive bool, user, device string) bool {
+	c.invMu.Lock()
+	defer c.invMu.Unlock()
+	return c.coveredByPendingLocked(key, positive, user, device)
+}
+
+// coveredByPendingLocked is coveredByPending with invMu held.
+func (c *Cache) coveredByPendingLocked(key Key, positive bool, user, device string) bool {
 	for _, inv := range c.pending {
 		if covers(inv, key, positive, user, device) {
 			return true
@@ -724,28 +825,40 @@ func (c *Cache) coveredByPending(key Key, positive bool, user, device string) bo
 	return false
 }
 
-// endPending removes inv from the pending invalidations. Called with mu held.
+// addPending makes inv pending (see Apply). Called with no lock held, or
+// a shard's.
+func (c *Cache) addPending(inv *Invalidation) {
+	c.invMu.Lock()
+	c.pending = append(c.pending, inv)
+	c.npending.Add(1)
+	c.invMu.Unlock()
+}
+
+// endPending removes inv from the pending invalidations.
 func (c *Cache) endPending(inv *Invalidation) {
+	c.invMu.Lock()
+	defer c.invMu.Unlock()
 	for i, p := range c.pending {
 		if p == inv {
-			c.pending = append(c.pending[:i], c.pending[i+1:]...)
+			c.pending = slices.Delete(c.pending, i, i+1)
+			c.npending.Add(-1)
 			return
 		}
 	}
 }
 
-// purge drops every answer in constant time: the LRUs and indexes are
-// replaced, not emptied one entry at a time. Called with mu held.
-func (c *Cache) purge(reason Reason) int {
-	n := c.pos.Len()
-	c.pos, _ = simplelru.NewLRU(c.size, c.evicted)
-	if c.neg != nil {
-		n += c.neg.Len()
-		c.neg, _ = simplelru.NewLRU(max(c.size/8, 1), c.evicted)
+// purge drops every answer, each shard at once: its storage and indexes
+// are replaced, not emptied one entry at a time.
+func (c *Cache) purge(inv *Invalidation) int {
+	c.addPending(inv)
+	defer c.endPending(inv)
+	n := 0
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		n += s.purge(inv.Reason)
+		s.mu.Unlock()
 	}
-	c.users, c.variants = newKeySets[string](), newKeySets[TokenID]()
-	c.dropping, c.dropped = reason, n
-	c.flushDrops()
 	return n
 }
 
@@ -754,22 +867,38 @@ func (c *Cache) purge(reason Reason) int {
 // for that token, held now or stored later, outlives it.
 func (c *Cache) LimitLifetime(id TokenID, notAfter time.Time) {
 	d := notAfter.UnixNano()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.deadlines.Add(id, d)
-	limit := func(k Key) {
-		if e, ok := c.pos.Peek(k); ok && d < e.expires {
-			e.expires = d
-			c.pos.Add(k, e)
+	plain := Key{Token: id}
+	ps := c.shardOf(plain)
+	ps.deadlinesMu.Lock()
+	ps.deadlines.Add(id, d)
+	ps.deadlinesMu.Unlock()
+	// A fill that did not see the deadline stores before its shard is
+	// looked at below (it holds the shard's lock from reading the deadline
+	// to storing), and counted its variant key before that (see fill).
+	limit := func(s *shard, k Key) {
+		if i := s.get(k); i != 0 {
+			if n := s.at(i); n.flags&flagPositive != 0 && d < n.expires {
+				n.expires = d
+			}
 		}
 	}
-	limit(Key{Token: id})
-	small, big := c.variants.get(id)
-	for _, k := range small {
-		limit(k)
+	ps.mu.Lock()
+	limit(ps, plain)
+	ps.mu.Unlock()
+	if c.variantKeys.Load() == 0 {
+		return
 	}
-	for k := range big {
-		limit(k)
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		small, big := s.variants.get(id)
+		for _, k := range small {
+			limit(s, k)
+		}
+		for k := range big {
+			limit(s, k)
+		}
+		s.mu.Unlock()
 	}
 }
 

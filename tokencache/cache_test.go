@@ -259,9 +259,10 @@ func TestInvalidateTokenDropsEveryVariant(t *testing.T) {
 	if got := f.drops.get("logout"); got != 3 {
 		t.Errorf("drops counted for logout: %d", got)
 	}
-	if f.c.variants.count() != 0 || f.c.users.len("@bob:x") != 1 {
-		t.Errorf("indexes not cleaned: variants=%v users=%v", f.c.variants, f.c.users)
+	if n := f.c.census(); n.variantSets != 0 || len(f.c.userKeys("@bob:x")) != 1 {
+		t.Errorf("indexes not cleaned: %+v, @bob:x has %d", n, len(f.c.userKeys("@bob:x")))
 	}
+	checkIndexes(t, f.c)
 }
 
 func TestInvalidateDeviceUserFlush(t *testing.T) {
@@ -318,15 +319,14 @@ func TestSizeBoundsEntriesAndIndexes(t *testing.T) {
 		f.fill(t, f.h.Key(tok, Masquerade{UserID: fmt.Sprintf("@m%d:x", i)}), positive(fmt.Sprintf("@m%d:x", i), ""))
 		f.fill(t, f.h.Key("bad-"+tok, Masquerade{}), negative)
 	}
-	f.c.mu.Lock()
-	defer f.c.mu.Unlock()
-	if f.c.pos.Len() != 16 || f.c.neg.Len() != 2 {
-		t.Errorf("LRU sizes: pos %d neg %d", f.c.pos.Len(), f.c.neg.Len())
+	n := f.c.census()
+	if n.pos != 16 || n.neg != 2 {
+		t.Errorf("held: pos %d neg %d", n.pos, n.neg)
 	}
-	if indexed := f.c.users.total(); indexed != 16 || f.c.users.count() != 16 || f.c.variants.count() > 16 {
-		t.Errorf("indexes outgrew the cache: %d keys for %d users, %d variant tokens",
-			indexed, f.c.users.count(), f.c.variants.count())
+	if n.ringNodes != 16 || n.users != 16 || n.rings != 16 || n.variantSets > 16 {
+		t.Errorf("indexes outgrew the cache: %+v", n)
 	}
+	checkIndexes(t, f.c)
 	if got := f.drops.get(ReasonCapacity); got != 3*5000-18 {
 		t.Errorf("capacity drops: got %d, want %d", got, 3*5000-18)
 	}
@@ -571,12 +571,12 @@ func TestConcurrentUse(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	checkIndexes(t, f.c)
 	f.c.Flush("test")
-	f.c.mu.Lock()
-	defer f.c.mu.Unlock()
-	if f.c.users.count() != 0 || f.c.variants.count() != 0 {
-		t.Errorf("indexes not empty after flush: %d users, %d variants", f.c.users.count(), f.c.variants.count())
+	if n := f.c.census(); n != (census{}) {
+		t.Errorf("not empty after flush: %+v", n)
 	}
+	checkIndexes(t, f.c)
 }
 
 func TestOnInvalidateAndApply(t *testing.T) {

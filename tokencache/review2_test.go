@@ -32,12 +32,12 @@ func TestReview2InvalidationLogHoldsUnboundedKeepLists(t *testing.T) {
 	for range invalidationLog {
 		c.InvalidateDevicesExcept("@alice:hs", keep, "device")
 	}
-	c.mu.Lock()
+	c.invMu.Lock()
 	held := 0
 	for i := range c.log {
 		held += len(c.log[i].Keep)
 	}
-	c.mu.Unlock()
+	c.invMu.Unlock()
 	// One log slot per invalidation is the bound the design states; each
 	// slot holding a request body's worth of IDs is not a bound on memory.
 	if limit := invalidationLog * indexSmall; held > limit {
