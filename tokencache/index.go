@@ -1,15 +1,16 @@
 package tokencache
 
-// keySets indexes cache keys by K (a user ID, a token's ID). Most sets are
-// small (a user holds a few tokens), and a slice is the most compact set:
-// those stay slices. A set that grows past indexSmall keys (a bridge's token
-// masquerading as tens of thousands of users, a user with thousands of
-// devices) becomes a map, so that removing one key is O(1) however large
+// keySets indexes cache keys by K (a token's ID: the cache indexes the
+// variants of a token with it; users are indexed by rings threaded through
+// the nodes, see shard). Most sets are small (a token has a few variants),
+// and a slice is the most compact set: those stay slices. A set that grows
+// past indexSmall keys (a bridge's token masquerading as tens of thousands
+// of users) becomes a map, so that removing one key is O(1) however large
 // the set, and removing a whole set is linear in its size. A map that
 // shrinks to indexSmall/2 becomes a slice again, so a set's memory follows
 // its size.
 //
-// Not safe for concurrent use: the cache's lock guards it.
+// Not safe for concurrent use: its shard's lock guards it.
 type keySets[K comparable] struct {
 	small map[K][]Key
 	big   map[K]map[Key]struct{}

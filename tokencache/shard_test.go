@@ -227,6 +227,27 @@ func TestFullCacheEvictsFromAnotherShard(t *testing.T) {
 		t.Errorf("capacity drops: %d, want 1", got)
 	}
 	checkIndexes(t, f.c)
+
+	// Shard 0 holds both negative answers again, shard 1 none; store
+	// into shard 1 while shard 0 is locked. There is no room to make:
+	// nothing is stored, and nothing counted.
+	f.c.InvalidateToken(in1[0].Token, "logout")
+	fillDirect(f.c, in0[0], negative)
+	fillDirect(f.c, in0[1], negative)
+	var masq Key
+	for i := 0; ; i++ {
+		masq = f.h.Key("one0", Masquerade{UserID: fmt.Sprintf("@m%d:x", i)})
+		if f.c.shardOf(masq) == &f.c.shards[1] {
+			break
+		}
+	}
+	f.c.shards[0].mu.Lock()
+	fillDirect(f.c, masq, negative)
+	f.c.shards[0].mu.Unlock()
+	f.expect(t, masq, Miss)
+	f.expect(t, in0[0], NegativeHit)
+	f.expect(t, in0[1], NegativeHit)
+	checkIndexes(t, f.c)
 }
 
 // Random fills, reads, expiries, evictions and invalidations on a small
