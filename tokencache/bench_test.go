@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"runtime/metrics"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -302,6 +303,26 @@ func parallelKeys(b *testing.B, n int) (*Cache, *Hasher, []Key, []string) {
 	return c, h, keys, tokens
 }
 
+// runParallel is b.RunParallel(body), reporting besides wall time per
+// operation the CPU time per operation (cpu-ns/op) and the time
+// goroutines waited for a sync.Mutex per operation (mutex-wait-ns/op).
+// On a machine shared with other work, wall time at -cpu 2 says more about
+// the neighbours than about the cache; cpu-ns/op staying flat from -cpu 1
+// to -cpu 2 says the cores did not slow each other down (no lock waits,
+// no cache lines bouncing between them), whatever the neighbours did.
+func runParallel(b *testing.B, body func(*testing.PB)) {
+	sample := []metrics.Sample{{Name: "/sync/mutex/wait/total:seconds"}}
+	metrics.Read(sample)
+	waited := sample[0].Value.Float64()
+	cpu, ok := processCPU()
+	b.RunParallel(body)
+	if end, ok2 := processCPU(); ok && ok2 {
+		b.ReportMetric(float64(end-cpu)/float64(b.N), "cpu-ns/op")
+	}
+	metrics.Read(sample)
+	b.ReportMetric((sample[0].Value.Float64()-waited)*1e9/float64(b.N), "mutex-wait-ns/op")
+}
+
 // BenchmarkKeyParallel is the key hash alone from GOMAXPROCS goroutines: it
 // shares no state, so its scaling from -cpu 1 to -cpu 2 is what the machine
 // gives at the moment, the reference for the other parallel benchmarks'.
@@ -311,7 +332,7 @@ func BenchmarkKeyParallel(b *testing.B) {
 	var sink atomic.Uint64
 	b.ReportAllocs()
 	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
+	runParallel(b, func(pb *testing.PB) {
 		i := int(next.Add(7919))
 		var x uint64
 		for pb.Next() {
@@ -331,7 +352,7 @@ func BenchmarkGetParallel(b *testing.B) {
 	var next atomic.Int64
 	b.ReportAllocs()
 	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
+	runParallel(b, func(pb *testing.PB) {
 		i := int(next.Add(7919))
 		for pb.Next() {
 			i++
@@ -350,7 +371,7 @@ func BenchmarkHitParallel(b *testing.B) {
 	var next atomic.Int64
 	b.ReportAllocs()
 	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
+	runParallel(b, func(pb *testing.PB) {
 		i := int(next.Add(7919))
 		for pb.Next() {
 			i++
@@ -386,7 +407,7 @@ func BenchmarkMixedParallel(b *testing.B) {
 	ctx := context.Background()
 	b.ReportAllocs()
 	b.ResetTimer()
-	b.RunParallel(func(pb *testing.PB) {
+	runParallel(b, func(pb *testing.PB) {
 		i := int(next.Add(7919))
 		var nLookups, nHits, nFetches, nMisses int64
 		for op := 0; pb.Next(); op++ {
