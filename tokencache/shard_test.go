@@ -1,13 +1,16 @@
 package tokencache
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // shardFixture is a fixture whose cache has at most shards shards and
@@ -417,4 +420,84 @@ func TestConcurrentStress(t *testing.T) {
 		t.Errorf("users invalidated, rings left: %+v", n)
 	}
 	checkIndexes(t, f.c)
+}
+
+// memory returns a copy of every byte the cache owns outside the answers'
+// bodies, by region: the Cache struct, and each shard's struct, table and
+// chunks of nodes.
+func memory(c *Cache) map[string][]byte {
+	grab := func(p unsafe.Pointer, n uintptr) []byte {
+		return bytes.Clone(unsafe.Slice((*byte)(p), n))
+	}
+	m := map[string][]byte{"Cache": grab(unsafe.Pointer(c), unsafe.Sizeof(*c))}
+	for i := range c.shards {
+		s := &c.shards[i]
+		m[fmt.Sprint("shard ", i)] = grab(unsafe.Pointer(s), unsafe.Sizeof(*s))
+		m[fmt.Sprint("shard ", i, " table")] = grab(unsafe.Pointer(unsafe.SliceData(s.table)), uintptr(len(s.table))*unsafe.Sizeof(s.table[0]))
+		for j, ch := range s.chunks {
+			m[fmt.Sprint("shard ", i, " chunk ", j)] = grab(unsafe.Pointer(unsafe.SliceData(ch)), uintptr(len(ch))*unsafe.Sizeof(ch[0]))
+		}
+	}
+	return m
+}
+
+// changed lists the regions whose bytes differ.
+func changed(before, after map[string][]byte) []string {
+	var diff []string
+	for k, b := range before {
+		if !bytes.Equal(b, after[k]) {
+			diff = append(diff, k)
+		}
+	}
+	slices.Sort(diff)
+	return diff
+}
+
+// What lets hits scale with cores: a hit writes nothing that lookups of
+// other shards read or write. The first read of an answer sets one byte of
+// its node (CLOCK's reference flag); every later hit leaves the whole cache
+// as it found it, its shard's lock word included once unlocked. (A hit
+// that moved its answer to the front of a list, bumped a counter or took a
+// lock shared by all shards would show here, whatever the machine's load.)
+func TestHitWritesNothingShared(t *testing.T) {
+	f := shardFixture(t, 16, nil, func(c *Config) { c.Size = 1000 })
+	keys := make([]Key, 300)
+	for i := range keys {
+		keys[i] = f.h.Key(fmt.Sprint("tok", i), Masquerade{})
+		fillDirect(f.c, keys[i], positive(fmt.Sprintf("@u%d:x", i), "D"))
+	}
+	fillDirect(f.c, f.h.Key("bogus", Masquerade{}), negative)
+	k := keys[7]
+	si := -1
+	for i := range f.c.shards {
+		if &f.c.shards[i] == f.c.shardOf(k) {
+			si = i
+		}
+	}
+
+	before := memory(f.c)
+	f.expect(t, k, Hit)
+	s := f.c.shardOf(k)
+	s.mu.Lock()
+	chunk := s.get(k) >> s.bits
+	s.mu.Unlock()
+	if got, want := changed(before, memory(f.c)), []string{fmt.Sprint("shard ", si, " chunk ", chunk)}; !slices.Equal(got, want) {
+		t.Errorf("the first hit changed %q, want only %q (the flag of its node)", got, want)
+	}
+
+	f.expect(t, f.h.Key("bogus", Masquerade{}), NegativeHit) // its first read
+	before = memory(f.c)
+	for range 10 {
+		f.expect(t, k, Hit)
+		f.expect(t, f.h.Key("bogus", Masquerade{}), NegativeHit)
+	}
+	if got := changed(before, memory(f.c)); len(got) != 0 {
+		t.Errorf("hits changed %q", got)
+	}
+	// A miss writes nothing either.
+	before = memory(f.c)
+	f.expect(t, f.h.Key("unknown", Masquerade{}), Miss)
+	if got := changed(before, memory(f.c)); len(got) != 0 {
+		t.Errorf("a miss changed %q", got)
+	}
 }
