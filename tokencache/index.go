@@ -98,14 +98,6 @@ func (s *keySets[K]) get(k K) ([]Key, map[Key]struct{}) {
 	return append(make([]Key, 0, len(keys)+1), keys...), nil
 }
 
-// len returns the size of k's set.
-func (s *keySets[K]) len(k K) int {
-	if m, ok := s.big[k]; ok {
-		return len(m)
-	}
-	return len(s.small[k])
-}
-
 // count returns how many sets there are.
 func (s *keySets[K]) count() int { return len(s.small) + len(s.big) }
 
