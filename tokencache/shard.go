@@ -306,8 +306,8 @@ func (s *shard) unlinkUser(i uint32, h uint64) {
 // add stores n under its key, which must be absent, making room first if
 // the cache is full: it evicts from this shard, or if it holds no answer of
 // n's kind, from another whose lock is free. It stores nothing if it finds
-// no room. Called with mu held.
-func (s *shard) add(n node) {
+// no room, and reports whether it stored n. Called with mu held.
+func (s *shard) add(n node) bool {
 	l, count := s.listOf(&n)
 	bound := s.c.size
 	if l == &s.neg {
@@ -317,7 +317,11 @@ func (s *shard) add(n node) {
 	// is removed, so the cache never holds more than bound.
 	if count.Add(1) > int64(bound) && !s.makeRoom(l == &s.pos) {
 		count.Add(-1)
-		return
+		if n.key.Variant != 0 {
+			// fill counted the key in c.variantKeys: it is not held.
+			s.c.variantKeys.Add(-1)
+		}
+		return false
 	}
 	i := s.alloc()
 	*s.at(i) = n
@@ -333,6 +337,7 @@ func (s *shard) add(n node) {
 		// answer was not stale.
 		s.variants.add(n.key.Token, n.key)
 	}
+	return true
 }
 
 // makeRoom evicts an answer of the kind given, from this shard if it has
