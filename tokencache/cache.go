@@ -538,11 +538,21 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 	// A key holds one answer: a refill of a live key (two lookups on
 	// either side of an unrelated invalidation), or an answer of the other
 	// kind, replaces it without counting a drop.
-	if old := s.get(key); old != 0 {
+	old := s.get(key)
+	if old != 0 {
 		s.remove(old)
 	}
-	if !s.add(n) && key.Variant != 0 {
-		c.variantKeys.Add(-1)
+	if !s.add(n) {
+		if key.Variant != 0 {
+			c.variantKeys.Add(-1)
+		}
+		if old != 0 {
+			// No room for the new answer (see shard.add): the old one is
+			// gone all the same, pushed out.
+			s.dropping = ReasonCapacity
+			s.dropped++
+			s.flushDrops()
+		}
 	}
 }
 
