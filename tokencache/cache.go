@@ -66,11 +66,13 @@ type Answer struct {
 	// never stored). DeviceID is empty for device-less appservice users.
 	UserID   string
 	DeviceID string
-	// Body is the homeserver's response body. For a positive answer it
-	// must contain UserID and DeviceID verbatim (as a whoami body does):
-	// the stored answer keeps only the body and where in it they are, so a
-	// cached token costs little more than its body. Answers whose body does
-	// not, or is over 64 KiB, are not stored.
+	// Body is the homeserver's response body. When it contains UserID and
+	// DeviceID verbatim (as a whoami body usually does), the stored answer
+	// keeps only the body and where in it they are, so a cached token costs
+	// little more than its body; when it does not (the homeserver escaped
+	// them in its JSON: non-ASCII, quotes, backslashes), they are kept after
+	// it. Answers over 64 KiB in all, or with an ID over 255 bytes, are not
+	// stored.
 	Body string
 	// Meta is opaque to the cache (the proxy keeps the status and the replayed
 	// response headers there, shared between answers). It must be
@@ -172,12 +174,26 @@ func (c *Cache) pack(a Answer, expires int64) (node, bool) {
 	var okU, okD, okM bool
 	n.userOff, n.userLen, okU = locate(a.Body, a.UserID)
 	n.deviceOff, n.deviceLen, okD = locate(a.Body, a.DeviceID)
+	if !okU || !okD {
+		// Not in the body as such (escaped JSON): keep both after it, in
+		// the same string. A client picks its device ID, so without this
+		// any client could keep its token out of the cache.
+		if len(a.UserID) > math.MaxUint8 || len(a.DeviceID) > math.MaxUint8 ||
+			len(a.Body)+len(a.UserID)+len(a.DeviceID) > math.MaxUint16 {
+			return n, false
+		}
+		n.body = a.Body + a.UserID + a.DeviceID
+		n.userOff, n.userLen = uint16(len(a.Body)), uint8(len(a.UserID))
+		n.deviceOff, n.deviceLen = n.userOff+uint16(len(a.UserID)), uint8(len(a.DeviceID))
+		n.flags = flagIDsApart
+		okU, okD = true, true
+	}
 	n.meta, okM = c.metaIndex(a.Meta)
 	return n, okU && okD && okM
 }
 
 func (c *Cache) unpack(n *node, k Kind) Answer {
-	return Answer{Kind: k, UserID: n.userID(), DeviceID: n.deviceID(), Body: n.body, Meta: c.metas[n.meta]}
+	return Answer{Kind: k, UserID: n.userID(), DeviceID: n.deviceID(), Body: n.answerBody(), Meta: c.metas[n.meta]}
 }
 
 // metaIndex returns the index of m in c.metas, adding it if there is room.
@@ -509,7 +525,7 @@ func (c *Cache) fill(key Key, seq uint64, a Answer) {
 			ttl = m
 		}
 		n, ok = c.pack(a, now.Add(ttl).UnixNano())
-		n.flags = flagPositive
+		n.flags |= flagPositive
 	}
 	if !ok {
 		return

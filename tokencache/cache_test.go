@@ -665,3 +665,31 @@ func TestInvalidateDevicesExcept(t *testing.T) {
 	f.expect(t, bob, Hit)
 	f.expect(t, late, Miss)
 }
+
+// TestEscapedIDsAreCached: Synapse escapes non-ASCII in its JSON
+// ("device_id":"\u00e9"), so the IDs are not in the body verbatim. Such an
+// answer must still be cached (a client picks its device ID: otherwise any
+// client could keep its token out of the cache), replayed byte for byte, and
+// dropped by user and device like any other.
+func TestEscapedIDsAreCached(t *testing.T) {
+	for _, tt := range []struct{ name, user, device, body string }{
+		{"device", "@u:x", "é", `{"user_id":"@u:x","device_id":"\u00e9"}`},
+		{"user and device", `@"q":x`, `a\b`, `{"user_id":"@\"q\":x","device_id":"a\\b"}`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t, nil)
+			key := f.h.Key("tok", Masquerade{})
+			f.fill(t, key, Answer{Kind: Positive, UserID: tt.user, DeviceID: tt.device, Body: tt.body})
+			got, res := f.c.Get(key)
+			if res != Hit || got.Body != tt.body || got.UserID != tt.user || got.DeviceID != tt.device {
+				t.Fatalf("Get = %+v, %v; want a hit replaying %s for %q/%q", got, res, tt.body, tt.user, tt.device)
+			}
+			if n := f.c.InvalidateDevice(tt.user, tt.device, "device"); n != 1 {
+				t.Fatalf("InvalidateDevice dropped %d, want 1", n)
+			}
+			if _, res := f.c.Get(key); res != Miss {
+				t.Fatalf("after InvalidateDevice: %v", res)
+			}
+		})
+	}
+}

@@ -32,7 +32,16 @@ type node struct {
 const (
 	flagPositive uint8 = 1 << iota // on the positive list (else negative)
 	flagRef                        // read since the eviction hand last passed
+	flagIDsApart                   // user and device IDs follow the answer's body in body
 )
+
+// answerBody returns the homeserver's body (see Cache.pack).
+func (n *node) answerBody() string {
+	if n.flags&flagIDsApart != 0 {
+		return n.body[:int(n.userOff)]
+	}
+	return n.body
+}
 
 func (n *node) userID() string {
 	return n.body[n.userOff : int(n.userOff)+int(n.userLen)]
