@@ -46,6 +46,11 @@
 #   BENCH_GO=1|0              run the Go benchmarks
 #   BENCH_HEAP_TOKENS=1000000 BENCH_HEAP_USERS=300000
 #   BENCH_CADDY_VERSION=v2.11.9                        the Go peer's release
+#   BENCH_PROXY_VS=path       goal 2 also runs the proxy against this other
+#                             build of it (e.g. an older commit's binary),
+#                             same settings, and that build against nginx
+#   BENCH_G2_PEERS=1|0        goal 2's peers and references after the goal
+#                             row (HAProxy, Caddy, plain proxy, sticks)
 #   BENCH_OUT=dir             where logs and profiles go (default /tmp/…)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -447,6 +452,21 @@ if want_goal 2; then
   rounds passthrough "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
   summarize_cpu 2 passthrough "passthrough / nginx proxy_pass" 0.45 >"$out/g2"
   g2=$(cat "$out/g2")
+  if [ -n "${BENCH_PROXY_VS:-}" ]; then
+    say "goal 2: the proxy vs another build of it ($BENCH_PROXY_VS), and that build vs nginx"
+    VS=$(freeport) VSA=$(freeport)
+    start "$SUT_CPU" proxy-vs env "${proxy_env[@]}" LISTEN_ADDR="127.0.0.1:$VS" ADMIN_ADDR="127.0.0.1:$VSA" "$BENCH_PROXY_VS"
+    VS_PID=${pids[-1]}
+    wait_up "http://127.0.0.1:$VS$pass"
+    passthrough_same VS
+    rounds passthrough-vs "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$VS" "$VS_PID"
+    reference "2. proxy / the other build ($BENCH_PROXY_VS)" passthrough-vs
+    rounds passthrough-vs-nginx "$pass" "http://127.0.0.1:$VS" "$VS_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
+    reference "2. the other build ($BENCH_PROXY_VS) / nginx proxy_pass" passthrough-vs-nginx
+    kill "$VS_PID" 2>/dev/null || true
+  fi
+fi
+if want_goal 2 && [ "${BENCH_G2_PEERS:-1}" = 1 ]; then
   say "goal 2: the same passthrough, proxy vs HAProxy (Debian, nbthread 1)"
   HAP=$(freeport)
   printf '%s\n' 'global' '  nbthread 1' 'defaults' '  mode http' '  option http-keep-alive' '  option forwardfor' \
