@@ -398,8 +398,11 @@ EOF
 start "$LOAD_CPU" nginx-up nginx -e "$out/nginx-up/error.log" -c "$out/nginx-up/nginx.conf" -g 'daemon off;'
 start "$SUT_CPU" nginx-front nginx -e "$out/nginx-front/error.log" -c "$out/nginx-front/nginx.conf" -g 'daemon off;'
 NGX_PID=${pids[-1]}
+# GOMEMLIMIT as the manifests in deploy/ set it (deploy/kubernetes/sidecar/
+# proxy.env; Helm derives it from the memory limit): with it the proxy paces
+# its GC at GOGC=400 (cmd/matrix-auth-proxy, gcPercent).
 proxy_env=(UPSTREAM_URL="http://127.0.0.1:$UP" LISTEN_ADDR="127.0.0.1:$PRX" ADMIN_ADDR="127.0.0.1:$ADM"
-  CACHE_TTL=1h RATE_LIMIT_RPS=0 LOG_LEVEL=warn SHUTDOWN_DELAY=0s GOMAXPROCS=1)
+  CACHE_TTL=1h RATE_LIMIT_RPS=0 LOG_LEVEL=warn SHUTDOWN_DELAY=0s GOMAXPROCS=1 GOMEMLIMIT=200MiB)
 start "$SUT_CPU" proxy env "${proxy_env[@]}" "$out/matrix-auth-proxy"
 PRX_PID=${pids[-1]}
 whoami=/_matrix/client/v3/account/whoami
