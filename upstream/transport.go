@@ -24,8 +24,10 @@ import (
 // bench, issue 6). Everything else (request bodies, upgrades, https,
 // credentials in the URL) goes through an http.Transport unchanged.
 //
-// The direct path keeps HTTP/1.1 framing entirely to the standard library
-// (Request.Write, http.ReadResponse and the body readers it returns). A
+// The direct path writes the request head itself (head.go, the bytes
+// Request.Write would write) and reads the common answer, an HTTP/1.1 head
+// with a Content-Length, itself (response.go); every other answer's framing
+// is http.ReadResponse's and the body readers it returns. A
 // connection goes back to the pool only once its response body has been read
 // to the end with nothing left over; one closed early, cancelled, or answered
 // with Connection: close is closed. Before an idle connection is reused it is
@@ -161,9 +163,11 @@ func (t *Transport) exchange(ctx context.Context, c *conn, req *http.Request, h 
 		return nil, c.reused && ctx.Err() == nil, c.fail(stop, err)
 	}
 	for range 1 + max1xx {
-		resp, err := http.ReadResponse(c.br, req)
-		if err != nil {
-			return nil, false, c.fail(stop, err)
+		resp, ok := readPlainResponse(c.br, req)
+		if !ok {
+			if resp, err = http.ReadResponse(c.br, req); err != nil {
+				return nil, false, c.fail(stop, err)
+			}
 		}
 		switch {
 		case resp.StatusCode == http.StatusSwitchingProtocols:
