@@ -187,3 +187,38 @@ func FuzzReadPlainResponse(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkReadAnswer: nginx's passthrough answer read by readPlainResponse
+// and by http.ReadResponse.
+func BenchmarkReadAnswer(b *testing.B) {
+	req, _ := http.NewRequest("GET", "http://hs/x", nil)
+	for _, c := range []struct {
+		name string
+		read func(*bufio.Reader) (*http.Response, error)
+	}{
+		{"plain", func(br *bufio.Reader) (*http.Response, error) {
+			resp, ok := readPlainResponse(br, req)
+			if !ok {
+				return nil, errors.New("declined")
+			}
+			return resp, nil
+		}},
+		{"http.ReadResponse", func(br *bufio.Reader) (*http.Response, error) { return http.ReadResponse(br, req) }},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			sr := strings.NewReader(nginxAnswer)
+			br := bufio.NewReaderSize(sr, 32<<10)
+			for b.Loop() {
+				sr.Reset(nginxAnswer)
+				br.Reset(sr)
+				_, _ = br.Peek(1)
+				resp, err := c.read(br)
+				if err != nil {
+					b.Fatal(err)
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+			}
+		})
+	}
+}
