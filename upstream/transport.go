@@ -8,10 +8,9 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"sync"
 	"time"
-
-	"golang.org/x/net/http/httpguts"
 )
 
 // Transport is the RoundTripper for the homeserver.
@@ -25,8 +24,10 @@ import (
 // bench, issue 6). Everything else (request bodies, upgrades, https,
 // credentials in the URL) goes through an http.Transport unchanged.
 //
-// The direct path keeps HTTP/1.1 framing entirely to the standard library
-// (Request.Write, http.ReadResponse and the body readers it returns). A
+// The direct path writes the request head itself (head.go, the bytes
+// Request.Write would write) and reads the common answer, an HTTP/1.1 head
+// with a Content-Length, itself (response.go); every other answer's framing
+// is http.ReadResponse's and the body readers it returns. A
 // connection goes back to the pool only once its response body has been read
 // to the end with nothing left over; one closed early, cancelled, or answered
 // with Connection: close is closed. Before an idle connection is reused it is
@@ -106,7 +107,8 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !direct(req) {
 		return t.fallback.RoundTrip(req)
 	}
-	if err := validHeader(req.Header); err != nil {
+	var h head
+	if err := h.check(req); err != nil {
 		return nil, err
 	}
 	ctx := req.Context()
@@ -115,7 +117,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, contextError(ctx, err)
 	}
-	resp, retry, err := t.exchange(ctx, c, req)
+	resp, retry, err := t.exchange(ctx, c, req, &h)
 	if err == nil || !retry {
 		return resp, contextError(ctx, err)
 	}
@@ -127,49 +129,49 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if c, err = t.dialConn(ctx, host); err != nil {
 		return nil, contextError(ctx, err)
 	}
-	resp, _, err = t.exchange(ctx, c, req)
+	resp, _, err = t.exchange(ctx, c, req, &h)
 	return resp, contextError(ctx, err)
 }
 
 // direct says whether req can take the direct path.
 func direct(req *http.Request) bool {
 	return (req.Method == http.MethodGet || req.Method == http.MethodHead) &&
-		(req.Body == nil || req.Body == http.NoBody) &&
+		(req.Body == nil || req.Body == http.NoBody) && req.ContentLength == 0 && len(req.Trailer) == 0 &&
 		req.URL.Scheme == "http" && req.URL.Host != "" && req.URL.User == nil &&
 		len(req.Header["Upgrade"]) == 0 && len(req.TransferEncoding) == 0
 }
 
 // exchange sends req on c and reads the answer's head. retry says that the
 // request failed on a reused connection before any answer arrived.
-func (t *Transport) exchange(ctx context.Context, c *conn, req *http.Request) (*http.Response, bool, error) {
-	stop := func() bool { return true }
+func (t *Transport) exchange(ctx context.Context, c *conn, req *http.Request, h *head) (*http.Response, bool, error) {
+	stop := noStop
 	if ctx.Done() != nil {
-		stop = context.AfterFunc(ctx, func() { _ = c.nc.SetDeadline(longAgo) })
+		stop = context.AfterFunc(ctx, c.cancel)
 	}
-	fail := func(err error) error {
-		stop()
-		_ = c.nc.Close()
-		return err
-	}
-	err := req.Write(c.bw)
+	err := h.write(c.bw)
 	if err == nil {
 		err = c.bw.Flush()
+	}
+	if trace := httptrace.ContextClientTrace(ctx); trace != nil && trace.WroteRequest != nil {
+		trace.WroteRequest(httptrace.WroteRequestInfo{Err: err})
 	}
 	c.lr.n = t.maxHeader
 	if err == nil {
 		_, err = c.br.Peek(1)
 	}
 	if err != nil {
-		return nil, c.reused && ctx.Err() == nil, fail(err)
+		return nil, c.reused && ctx.Err() == nil, c.fail(stop, err)
 	}
 	for range 1 + max1xx {
-		resp, err := http.ReadResponse(c.br, req)
-		if err != nil {
-			return nil, false, fail(err)
+		resp, ok := readPlainResponse(c.br, req)
+		if !ok {
+			if resp, err = http.ReadResponse(c.br, req); err != nil {
+				return nil, false, c.fail(stop, err)
+			}
 		}
 		switch {
 		case resp.StatusCode == http.StatusSwitchingProtocols:
-			return nil, false, fail(errors.New("upstream: 101 Switching Protocols to a request that asked for no upgrade"))
+			return nil, false, c.fail(stop, errors.New("upstream: 101 Switching Protocols to a request that asked for no upgrade"))
 		case resp.StatusCode < 200:
 			continue // 100 Continue, 102, 103 Early Hints: the answer follows
 		}
@@ -183,7 +185,17 @@ func (t *Transport) exchange(ctx context.Context, c *conn, req *http.Request) (*
 		}
 		return resp, false, nil
 	}
-	return nil, false, fail(errors.New("upstream: too many 1xx answers"))
+	return nil, false, c.fail(stop, errors.New("upstream: too many 1xx answers"))
+}
+
+// noStop is exchange's stop for a request that cannot be cancelled.
+func noStop() bool { return true }
+
+// fail closes c after a failed exchange, whose cancellation stop stops.
+func (c *conn) fail(stop func() bool, err error) error {
+	stop()
+	_ = c.nc.Close()
+	return err
 }
 
 // max1xx is how many 1xx answers may come before the answer, as in
@@ -233,6 +245,9 @@ type conn struct {
 	host      string
 	reused    bool
 	idleSince time.Time
+	// cancel ends what is being read or written on the connection; made
+	// once per connection for exchange's context.AfterFunc.
+	cancel func()
 }
 
 // get returns the most recently used idle connection to host that is still
@@ -293,7 +308,7 @@ func (t *Transport) dialConn(ctx context.Context, host string) (*conn, error) {
 	// a few hundred bytes.
 	lr := &limitReader{r: nc, n: math.MaxInt64}
 	return &conn{nc: nc, lr: lr, prober: newProber(nc), br: bufio.NewReaderSize(lr, 32<<10),
-		bw: bufio.NewWriterSize(nc, 4<<10), host: host}, nil
+		bw: bufio.NewWriterSize(nc, 4<<10), host: host, cancel: func() { _ = nc.SetDeadline(longAgo) }}, nil
 }
 
 // put returns c to the pool, or closes it when the pool is full.
@@ -443,21 +458,4 @@ func trimBrackets(h string) string {
 		return h[1 : len(h)-1]
 	}
 	return h
-}
-
-// validHeader rejects what http.Transport rejects before sending, by the
-// same rules: header names that are not tokens and values with control
-// characters other than tab, which could split the request.
-func validHeader(h http.Header) error {
-	for k, vs := range h {
-		if !httpguts.ValidHeaderFieldName(k) {
-			return errors.New("upstream: invalid header field name")
-		}
-		for _, v := range vs {
-			if !httpguts.ValidHeaderFieldValue(v) {
-				return errors.New("upstream: invalid header field value")
-			}
-		}
-	}
-	return nil
 }

@@ -399,3 +399,25 @@ func TestRunServesForwardAuthOnItsOwnListener(t *testing.T) {
 	}
 	http.DefaultClient.CloseIdleConnections()
 }
+
+func TestGCPercent(t *testing.T) {
+	for _, c := range []struct {
+		env  map[string]string
+		want int // 0: Go's own pacing is left alone
+	}{
+		{env: map[string]string{}},
+		{env: map[string]string{"GOMEMLIMIT": "200MiB"}, want: 400},
+		{env: map[string]string{"GOMEMLIMIT": "200MiB", "GOGC": "100"}},
+		{env: map[string]string{"GOMEMLIMIT": "200MiB", "GOGC": "off"}},
+		{env: map[string]string{"GOGC": "50"}},
+		{env: map[string]string{"GOMEMLIMIT": "off"}},
+	} {
+		got, ok := gcPercent(c.env)
+		if !ok {
+			got = 0
+		}
+		if got != c.want {
+			t.Errorf("%v: GOGC %d (set: %v), want %d", c.env, got, ok, c.want)
+		}
+	}
+}

@@ -46,6 +46,11 @@
 #   BENCH_GO=1|0              run the Go benchmarks
 #   BENCH_HEAP_TOKENS=1000000 BENCH_HEAP_USERS=300000
 #   BENCH_CADDY_VERSION=v2.11.9                        the Go peer's release
+#   BENCH_PROXY_VS=path       goal 2 also runs the proxy against this other
+#                             build of it (e.g. an older commit's binary),
+#                             same settings, and that build against nginx
+#   BENCH_G2_PEERS=1|0        goal 2's peers and references after the goal
+#                             row (HAProxy, Caddy, plain proxy, sticks)
 #   BENCH_OUT=dir             where logs and profiles go (default /tmp/…)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -393,8 +398,11 @@ EOF
 start "$LOAD_CPU" nginx-up nginx -e "$out/nginx-up/error.log" -c "$out/nginx-up/nginx.conf" -g 'daemon off;'
 start "$SUT_CPU" nginx-front nginx -e "$out/nginx-front/error.log" -c "$out/nginx-front/nginx.conf" -g 'daemon off;'
 NGX_PID=${pids[-1]}
+# GOMEMLIMIT as the manifests in deploy/ set it (deploy/kubernetes/sidecar/
+# proxy.env; Helm derives it from the memory limit): with it the proxy paces
+# its GC at GOGC=400 (cmd/matrix-auth-proxy, gcPercent).
 proxy_env=(UPSTREAM_URL="http://127.0.0.1:$UP" LISTEN_ADDR="127.0.0.1:$PRX" ADMIN_ADDR="127.0.0.1:$ADM"
-  CACHE_TTL=1h RATE_LIMIT_RPS=0 LOG_LEVEL=warn SHUTDOWN_DELAY=0s GOMAXPROCS=1)
+  CACHE_TTL=1h RATE_LIMIT_RPS=0 LOG_LEVEL=warn SHUTDOWN_DELAY=0s GOMAXPROCS=1 GOMEMLIMIT=200MiB)
 start "$SUT_CPU" proxy env "${proxy_env[@]}" "$out/matrix-auth-proxy"
 PRX_PID=${pids[-1]}
 whoami=/_matrix/client/v3/account/whoami
@@ -447,6 +455,21 @@ if want_goal 2; then
   rounds passthrough "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
   summarize_cpu 2 passthrough "passthrough / nginx proxy_pass" 0.45 >"$out/g2"
   g2=$(cat "$out/g2")
+  if [ -n "${BENCH_PROXY_VS:-}" ]; then
+    say "goal 2: the proxy vs another build of it ($BENCH_PROXY_VS), and that build vs nginx"
+    VS=$(freeport) VSA=$(freeport)
+    start "$SUT_CPU" proxy-vs env "${proxy_env[@]}" LISTEN_ADDR="127.0.0.1:$VS" ADMIN_ADDR="127.0.0.1:$VSA" "$BENCH_PROXY_VS"
+    VS_PID=${pids[-1]}
+    wait_up "http://127.0.0.1:$VS$pass"
+    passthrough_same VS
+    rounds passthrough-vs "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$VS" "$VS_PID"
+    reference "2. proxy / the other build ($BENCH_PROXY_VS)" passthrough-vs
+    rounds passthrough-vs-nginx "$pass" "http://127.0.0.1:$VS" "$VS_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
+    reference "2. the other build ($BENCH_PROXY_VS) / nginx proxy_pass" passthrough-vs-nginx
+    kill "$VS_PID" 2>/dev/null || true
+  fi
+fi
+if want_goal 2 && [ "${BENCH_G2_PEERS:-1}" = 1 ]; then
   say "goal 2: the same passthrough, proxy vs HAProxy (Debian, nbthread 1)"
   HAP=$(freeport)
   printf '%s\n' 'global' '  nbthread 1' 'defaults' '  mode http' '  option http-keep-alive' '  option forwardfor' \
