@@ -1174,6 +1174,22 @@ func TestCoherenceCheckCatches(t *testing.T) {
 			},
 			want: "whom it does not concern, vanish",
 		},
+		{
+			name: "a step concerning @u1 after which @u2's token gets a wrong 401",
+			break_: func(r *coherenceRig) map[string]bool {
+				wrong401(t, r, 2)
+				return map[string]bool{"@u1:hs": true}
+			},
+			want: "for a token the step does not concern",
+		},
+		{
+			name: "a step concerning @u2 after which @u2's token gets a wrong 401",
+			break_: func(r *coherenceRig) map[string]bool {
+				wrong401(t, r, 2)
+				return map[string]bool{"@u2:hs": true}
+			},
+			want: "errs towards 401, but wrongly",
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1195,6 +1211,26 @@ func TestCoherenceCheckCatches(t *testing.T) {
 			}
 		})
 	}
+}
+
+// wrong401 makes the proxy answer 401 for token i, which the model still
+// holds valid: revoked for a moment, used (passive invalidation), asked (a
+// negative answer is cached), revived.
+func wrong401(t *testing.T, r *coherenceRig, i uint8) {
+	t.Helper()
+	tok := r.token(i)
+	r.hs.mu.Lock()
+	tok.revoked = true
+	r.hs.mu.Unlock()
+	if st, _, err := r.do("GET", "/_matrix/client/v3/sync", tok.tok, ""); err != nil || st != 401 {
+		t.Fatalf("sync of a revoked token: %d %v", st, err)
+	}
+	if st, _, err := r.do("GET", whoamiV3, tok.tok, ""); err != nil || st != 401 {
+		t.Fatalf("whoami of a revoked token: %d %v", st, err)
+	}
+	r.hs.mu.Lock()
+	tok.revoked = false
+	r.hs.mu.Unlock()
 }
 
 func TestShrinkOpsPrintsShortestSequence(t *testing.T) {
