@@ -453,10 +453,22 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		}
 	case opLogout:
 		use(a)
+		expired := r.hs.answer(a.tok, "").errcode == "M_UNKNOWN_TOKEN" && r.hs.answer(a.tok, "").soft
 		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"logout", a.tok, "{}")
+		if expired {
+			// README: a logout with an expired token drops its own
+			// answers; its device's other tokens live until their
+			// announced expiry or CACHE_TTL.
+			r.markBehind(before)
+		}
 	case opLogoutAll:
 		use(a)
+		expired := r.hs.answer(a.tok, "").errcode == "M_UNKNOWN_TOKEN" && r.hs.answer(a.tok, "").soft
 		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"logout/all", a.tok, "{}")
+		if expired {
+			// README: with an expired token the user cannot be named.
+			r.markBehind(before)
+		}
 	case opDeleteDevice:
 		use(a)
 		_, _, err = r.revoke(o, "DELETE", r.client_(o.A)+"devices/"+url.PathEscape(b.device), a.tok, withAuth(uia(o.B&1 != 0)))
@@ -1151,6 +1163,11 @@ var coherenceSeeds = [][]modelOp{
 	// (found by the random driver: the check took it for the next step's
 	// doing).
 	{{opMASLogin, 105, 0}, {opMASLock, 237, 249}, {opMASLock, 0, 249}, {opLogout, 0, 0}},
+	// Logging out with an expired token: Synapse deletes the device (or,
+	// with logout/all, the user's every device), which the proxy cannot
+	// name.
+	{{opLogin, 1, 0x81}, {opAdvance, 19, 0}, {opRefresh, 1, 0}, {opAdvance, 14, 0}, {opWhoami, 2, 0}, {opLogout, 1, 0}, {opAdvance, 19, 0}},
+	{{opLogin, 1, 0x81}, {opLogin, 1, 2}, {opWhoami, 2, 0}, {opAdvance, 35, 0}, {opLogoutAll, 1, 0}, {opAdvance, 89, 0}, {opAdvance, 40, 0}},
 	// Calls without a token: refused ones drop nothing, successes flush.
 	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opTokenless, 1, 2}, {opTokenless, 1, 3}, {opWhoami, 2, 0}, {opTokenless, 1, 0}, {opLogin, 2, 1}, {opTokenless, 2, 1}},
 }

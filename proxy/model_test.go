@@ -343,8 +343,10 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 	a := m.answerLocked(modelAsk{tok: tok, asUser: qv.Get("user_id"), asDevice: qv.Get("device_id"),
 		hasUser: hasUser, hasDevice: hasDevice, from: r.Header.Get("X-Forwarded-For")})
 	isLogout := r.Method == "POST" && (strings.HasSuffix(path, "/logout") || strings.HasSuffix(path, "/logout/all"))
-	if t := m.byTok[tok]; isLogout && a.errcode == "M_USER_LOCKED" {
-		// MSC3939: a locked user may log out (allow_locked).
+	if t := m.byTok[tok]; isLogout && (a.errcode == "M_USER_LOCKED" || (a.soft && a.errcode == "M_UNKNOWN_TOKEN")) {
+		// Logging out admits a locked user (MSC3939, allow_locked) and
+		// an expired token (allow_expired): Synapse deletes its device,
+		// or with logout/all every device of its user.
 		a = modelAnswer{status: 200, user: t.user, device: t.device}
 	}
 	switch a.status {
