@@ -1159,6 +1159,10 @@ var coherenceSeeds = [][]modelOp{
 	// both sides of its whitelist.
 	{{opLogin, 3, 1}, {opLogin, 3, 2}, {opLogin, 4, 0}, {opLogin, 5, 0}, {opAppservice, 3, 3}, {opAppservice, 16 | 3, 1}, {opAppservice, 16, 1},
 		{opAppservice, 2, 0x80}, {opAppservice, 8 | 4 | 3, 5}, {opAppservice, 4 | 2, 0x80}, {opAppservice, 8 | 4 | 2, 0x80}, {opAppservice, 8 | 4 | 1, 5}, {opAppservice, 1, 4}},
+	// An appservice logging out a bridged user's device (device_id
+	// masquerade), then the user.
+	{{opLogin, 3, 1}, {opLogin, 3, 2}, {opLogin, 4, 0}, {opLogin, 5, 0}, {opLogin, 1, 0}, {opAppservice, 16 | 3, 9}, {opAppservice, 16, 9},
+		{opAppservice, 16 | 3, 9}, {opAppservice, 16 | 1, 15}},
 	// A negative answer cached during a MAS lock outlives the unlock
 	// (found by the random driver: the check took it for the next step's
 	// doing).
