@@ -216,6 +216,9 @@ type coherenceRig struct {
 	// not of the requests of a burst (concurrent).
 	trace      func(string)
 	concurrent bool
+	// refused: the last request of the step was refused (4xx but a
+	// 401 that is not a user-interactive auth challenge).
+	refused bool
 	// pubOff: what earlier instances of each replica published.
 	pubOff []float64
 	// per access token:
@@ -349,6 +352,12 @@ func (r *coherenceRig) doFrom(i int, c *http.Client, method, path, tok, body str
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
+	if !r.concurrent && err == nil {
+		// A refusal: a 4xx other than a 401 that is no user-interactive
+		// auth challenge (that one is passive invalidation's).
+		r.refused = resp.StatusCode >= 400 && resp.StatusCode < 500 &&
+			(resp.StatusCode != 401 || strings.Contains(string(b), `"flows"`))
+	}
 	if r.trace != nil && !strings.Contains(path, "/whoami") && !r.concurrent {
 		r.trace(fmt.Sprintf("  %s %s via %d: %d %s", method, path, i, resp.StatusCode, b))
 	}
@@ -378,6 +387,7 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 	}
 	o.Kind = o.Kind &^ opVia2 % numOps
 	a, b := r.token(o.A), r.token(o.B)
+	r.refused = false
 	if r.trace != nil {
 		r.trace(fmt.Sprintf("%v via %d: a=%s (%s %s) b=%s (%s %s)", o, r.via, a.tok, a.user, a.device, b.tok, b.user, b.device))
 	}
@@ -713,6 +723,11 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		}
 		r.redis.bounce(tb, r)
 		return nil, true, nil
+	}
+	if r.refused {
+		// README: a revocation whose outcome the proxy saw refused
+		// drops nothing, not even the caller's entries.
+		clear(affected)
 	}
 	return affected, false, err
 }
