@@ -62,6 +62,7 @@ const (
 	opDehydrate                        // token A PUTs dehydrated device B (B&0x80: DELETEs it), MSC3814
 	opAppservice                       // an appservice's token: A%4 logout, logout/all, a use, whoami; A&4 the fenced one, A&8 from inside its whitelist; as user B (B&0x80: none), A&16 with the device of token B
 	opTokenless                        // no token: B&1 OIDC back-channel logout, else a password reset by email, for user A; B&2 refused
+	opAdminUpdate                      // token A updates user B with PUT /_synapse/admin/v2/users: the body adminUpdates[B>>5] names
 	numOps
 
 	// opVia2, or-ed into a kind, sends the operation through the second
@@ -74,7 +75,13 @@ var opNames = [numOps]string{
 	"opPassword", "opDeactivate", "opAdminDeactivate", "opAdminDeleteDevice", "opMASDeleteDevice",
 	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart", "opRedisBounce",
 	"opMASSyncDevices", "opAdminResetPassword", "opBurst", "opGuest", "opMASLogin", "opMASLock", "opAdminLock",
-	"opDehydrate", "opAppservice", "opTokenless",
+	"opDehydrate", "opAppservice", "opTokenless", "opAdminUpdate",
+}
+
+// adminUpdates are the bodies of opAdminUpdate.
+var adminUpdates = [...]string{
+	`{"deactivated":true}`, `{"deactivated":false}`, `{"password":"x"}`, `{"password":"x","logout_devices":false}`,
+	`{"displayname":"x"}`, `{"deactivated":true,"locked":true}`, `{"password":"x","locked":false}`, `{"admin":false}`,
 }
 
 type modelOp struct {
@@ -599,6 +606,11 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 			path = "/_matrix/client/v1/admin/lock/" + url.PathEscape(u)
 		}
 		_, _, err = r.do("PUT", path, a.tok, fmt.Sprintf(`{"locked":%t}`, o.B&0x80 == 0))
+	case opAdminUpdate:
+		use(a)
+		u := modelUser(o.B & 0x1f)
+		affected[u] = true
+		_, _, err = r.do("PUT", "/_synapse/admin/v2/users/"+url.PathEscape(u), a.tok, adminUpdates[o.B>>5])
 	case opDehydrate:
 		use(a)
 		if o.B&0x80 != 0 {
@@ -1178,6 +1190,12 @@ var coherenceSeeds = [][]modelOp{
 	// masquerade), then the user.
 	{{opLogin, 3, 1}, {opLogin, 3, 2}, {opLogin, 4, 0}, {opLogin, 5, 0}, {opLogin, 1, 0}, {opAppservice, 16 | 3, 9}, {opAppservice, 16, 9},
 		{opAppservice, 16 | 3, 9}, {opAppservice, 16 | 1, 15}},
+	// The admin API's user update: deactivating, reactivating, a new
+	// password with and without logging out, nothing that revokes, a
+	// refused body, the admin's own user.
+	{{opLogin, 0, 1}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 1}, {opAdminUpdate, 1, 2<<5 | 1}, {opAdminUpdate, 1, 4<<5 | 2},
+		{opAdminUpdate, 1, 5<<5 | 2}, {opAdminUpdate, 1, 3<<5 | 2}, {opAdminUpdate, 1, 2<<5 | 0}, {opAdminUpdate, 1, 0<<5 | 2},
+		{opAdminUpdate, 1, 1<<5 | 2}, {opLogin, 2, 0}, {opAdminUpdate, 1, 6<<5 | 2}, {opAdminUpdate, 1, 7<<5 | 1}},
 	// A negative answer cached during a MAS lock outlives the unlock
 	// (found by the random driver: the check took it for the next step's
 	// doing).

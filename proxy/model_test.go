@@ -404,10 +404,29 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 		case r.Method == "PUT" && len(rest) == 3 && rest[0] == "v2" && rest[1] == "users":
 			// Locking keeps the user's tokens: Synapse refuses them
 			// (M_USER_LOCKED) while the lock lasts.
+			// UserRestServletV2.on_PUT, for an existing user: a
+			// password (set_password: every token of the user but
+			// the requester's own, unless logout_devices is false),
+			// deactivated, locked; both of the last two is a 400.
 			var req struct {
-				Locked *bool `json:"locked"`
+				Locked        *bool   `json:"locked"`
+				Deactivated   *bool   `json:"deactivated"`
+				Password      *string `json:"password"`
+				LogoutDevices *bool   `json:"logout_devices"`
 			}
-			_ = json.Unmarshal(body, &req)
+			if json.Unmarshal(body, &req) != nil || (req.Locked != nil && *req.Locked && req.Deactivated != nil && *req.Deactivated) {
+				writeJSON(w, 400, `{"errcode":"M_BAD_JSON","error":"An user can't be deactivated and locked"}`)
+				return
+			}
+			if req.Password != nil && (req.LogoutDevices == nil || *req.LogoutDevices) {
+				m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] && t != caller })
+			}
+			if req.Deactivated != nil {
+				if *req.Deactivated {
+					m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] })
+				}
+				m.deactivated[rest[2]] = *req.Deactivated
+			}
 			if req.Locked != nil {
 				m.locked[rest[2]] = *req.Locked
 			}
