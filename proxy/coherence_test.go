@@ -63,6 +63,8 @@ const (
 	opAppservice                       // an appservice's token: A%4 logout, logout/all, a use, whoami; A&4 the fenced one, A&8 from inside its whitelist; as user B (B&0x80: none), A&16 with the device of token B
 	opTokenless                        // no token: B&1 OIDC back-channel logout, else a password reset by email, for user A; B&2 refused
 	opAdminUpdate                      // token A updates user B with PUT /_synapse/admin/v2/users: the body adminUpdates[B>>5] names
+	opAdminSetAdmin                    // token A makes user B an admin (B&0x80: no longer one) with PUT /_synapse/admin/v1/users/{B}/admin
+	opAdminDeleteDevices               // token A deletes the device of token B with the admin API's POST …/users/{userId}/delete_devices
 	numOps
 
 	// opVia2, or-ed into a kind, sends the operation through the second
@@ -75,7 +77,7 @@ var opNames = [numOps]string{
 	"opPassword", "opDeactivate", "opAdminDeactivate", "opAdminDeleteDevice", "opMASDeleteDevice",
 	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart", "opRedisBounce",
 	"opMASSyncDevices", "opAdminResetPassword", "opBurst", "opGuest", "opMASLogin", "opMASLock", "opAdminLock",
-	"opDehydrate", "opAppservice", "opTokenless", "opAdminUpdate",
+	"opDehydrate", "opAppservice", "opTokenless", "opAdminUpdate", "opAdminSetAdmin", "opAdminDeleteDevices",
 }
 
 // adminUpdates are the bodies of opAdminUpdate.
@@ -611,6 +613,16 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		u := modelUser(o.B & 0x1f)
 		affected[u] = true
 		_, _, err = r.do("PUT", "/_synapse/admin/v2/users/"+url.PathEscape(u), a.tok, adminUpdates[o.B>>5])
+	case opAdminSetAdmin:
+		use(a)
+		u := modelUser(o.B & 0x7f)
+		affected[u] = true
+		_, _, err = r.do("PUT", "/_synapse/admin/v1/users/"+url.PathEscape(u)+"/admin", a.tok, fmt.Sprintf(`{"admin":%t}`, o.B&0x80 == 0))
+	case opAdminDeleteDevices:
+		use(a)
+		affected[b.user] = true
+		dev, _ := json.Marshal(b.device)
+		_, _, err = r.do("POST", "/_synapse/admin/v2/users/"+url.PathEscape(b.user)+"/delete_devices", a.tok, `{"devices":[`+string(dev)+`]}`)
 	case opDehydrate:
 		use(a)
 		if o.B&0x80 != 0 {
@@ -782,6 +794,8 @@ type checkKey struct {
 	query    bool
 	inside   bool
 	fa       bool
+	// faAdmin: forward-auth for a service only admins may use.
+	faAdmin bool
 }
 
 func (k checkKey) ask() modelAsk {
@@ -797,7 +811,10 @@ func (k checkKey) ask() modelAsk {
 
 func (k checkKey) String() string {
 	name := k.tok.tok
-	if k.fa {
+	switch {
+	case k.faAdmin:
+		name = "forward-auth (admin=true) of " + name
+	case k.fa:
 		name = "forward-auth of " + name
 	}
 	if k.query {
@@ -824,7 +841,7 @@ func (r *coherenceRig) checkKeys() []checkKey {
 	var keys []checkKey
 	bridged := map[string][]string{} // devices of live bridge tokens
 	for _, t := range r.hs.tokens {
-		keys = append(keys, checkKey{tok: t}, checkKey{tok: t, query: true}, checkKey{tok: t, fa: true})
+		keys = append(keys, checkKey{tok: t}, checkKey{tok: t, query: true}, checkKey{tok: t, fa: true}, checkKey{tok: t, fa: true, faAdmin: true})
 		if !t.revoked && strings.HasPrefix(t.user, "@bridge_") && len(bridged[t.user]) < 2 && !slices.Contains(bridged[t.user], t.device) {
 			bridged[t.user] = append(bridged[t.user], t.device)
 		}
@@ -920,7 +937,7 @@ const coherenceBusTries = 250
 func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time, affected map[string]bool, all bool) error {
 	var gotA modelAnswer
 	if k.fa {
-		st, hdr, err := r.forwardAuth(i, k.tok.tok)
+		st, hdr, err := r.forwardAuth(i, k.tok.tok, k.faAdmin)
 		if err != nil {
 			return err
 		}
@@ -968,18 +985,28 @@ func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time, affected map[s
 	wantA := r.hs.ask(k.ask())
 	if k.fa {
 		// Forward-auth reads no masquerade, and answers 401 for any
-		// token the homeserver refuses.
-		if wantA.status != 200 {
+		// token the homeserver refuses; admin=true refuses others
+		// than admins with 403.
+		r.hs.mu.Lock()
+		admin := r.hs.admins[wantA.user]
+		r.hs.mu.Unlock()
+		switch {
+		case wantA.status != 200:
 			wantA = modelAnswer{status: 401}
+		case k.faAdmin && !admin:
+			wantA = modelAnswer{status: 403}
 		}
 	}
 	gotS, want := gotA.String(), wantA.String()
 	key := fmt.Sprintf("%d|%v", i, k)
 	if gotS != want {
-		if wantA.status != 200 && gotA.status == 200 && gotS == r.lastGood[key] && r.mayBeStale(i, k.tok, now) {
+		// A stale answer: a positive one (for admin=true, a refusal
+		// to a valid non-admin too) repeated.
+		positive := gotA.status == 200 || (k.faAdmin && gotA.status == 403)
+		if wantA.status != 200 && positive && gotS == r.lastGood[key] && r.mayBeStale(i, k.tok, now) {
 			return nil
 		}
-		if gotA.status == 401 && wantA.status == 200 {
+		if gotA.status == 401 && (wantA.status == 200 || (k.faAdmin && wantA.status == 403)) {
 			// A negative answer cached while MAS had the user locked
 			// outlives the unlock, whatever steps come next (Synapse's
 			// own introspection cache keeps the inactive answer two
@@ -994,7 +1021,7 @@ func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time, affected map[s
 		}
 		return fmt.Errorf("%s (%s): proxy says %q, homeserver %q", k, k.tok.user, gotS, want)
 	}
-	if gotA.status == 200 {
+	if gotA.status == 200 || (k.faAdmin && gotA.status == 403) {
 		r.lastGood[key] = gotS
 	}
 	return nil
@@ -1002,8 +1029,12 @@ func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time, affected map[s
 
 // forwardAuth asks replica i's forward-auth listener about tok, for a
 // service that admits guests.
-func (r *coherenceRig) forwardAuth(i int, tok string) (int, http.Header, error) {
-	req, err := http.NewRequest("GET", r.replicas[i].auth.URL+"/auth?guests=allow", nil)
+func (r *coherenceRig) forwardAuth(i int, tok string, admin bool) (int, http.Header, error) {
+	policy := "guests=allow"
+	if admin {
+		policy += "&admin=true"
+	}
+	req, err := http.NewRequest("GET", r.replicas[i].auth.URL+"/auth?"+policy, nil)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -1196,6 +1227,10 @@ var coherenceSeeds = [][]modelOp{
 	{{opLogin, 0, 1}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 1}, {opAdminUpdate, 1, 2<<5 | 1}, {opAdminUpdate, 1, 4<<5 | 2},
 		{opAdminUpdate, 1, 5<<5 | 2}, {opAdminUpdate, 1, 3<<5 | 2}, {opAdminUpdate, 1, 2<<5 | 0}, {opAdminUpdate, 1, 0<<5 | 2},
 		{opAdminUpdate, 1, 1<<5 | 2}, {opLogin, 2, 0}, {opAdminUpdate, 1, 6<<5 | 2}, {opAdminUpdate, 1, 7<<5 | 1}},
+	// Admin status, which forward-auth's admin=true reads, and the admin
+	// API's delete_devices.
+	{{opLogin, 0, 0}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 0}, {opAdminSetAdmin, 1, 1}, {opAdminDeleteDevices, 2, 3},
+		{opAdminSetAdmin, 2, 0x80}, {opAdminSetAdmin, 1, 0x80}, {opAdminSetAdmin, 3, 0x80 | 1}, {opAdminDeleteDevices, 1, 2}, {opAdminUpdate, 1, 7<<5 | 2}},
 	// A negative answer cached during a MAS lock outlives the unlock
 	// (found by the random driver: the check took it for the next step's
 	// doing).

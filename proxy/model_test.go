@@ -49,6 +49,8 @@ type modelHS struct {
 	locked, masLocked, deactivated map[string]bool
 	// dehydrated is each user's dehydrated device (MSC3814).
 	dehydrated map[string]string
+	// admins are the server admins (modelAdmin at first).
+	admins map[string]bool
 }
 
 type modelHold struct{ arrived, release chan struct{} }
@@ -100,7 +102,8 @@ var modelUsers = []string{"@u0:hs", "@u1:hs", "@u2:hs", "@bridge_a:hs", "@bridge
 // newModelHS starts a model; the caller closes m.srv.
 func newModelHS(now func() time.Time) *modelHS {
 	m := &modelHS{now: now, byTok: map[string]*modelToken{}, byRef: map[string]*modelToken{}, whoamis: map[string]int{},
-		locked: map[string]bool{}, masLocked: map[string]bool{}, deactivated: map[string]bool{}, dehydrated: map[string]string{}}
+		locked: map[string]bool{}, masLocked: map[string]bool{}, deactivated: map[string]bool{}, dehydrated: map[string]string{},
+		admins: map[string]bool{modelAdmin: true}}
 	as := &modelToken{tok: modelASToken, user: modelASUser, appservice: true}
 	m.tokens = append(m.tokens, as)
 	m.byTok[as.tok] = as
@@ -386,7 +389,7 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 	case strings.Contains(path, "dehydrated_device"):
 		m.serveDehydrated(w, r.Method, user, body)
 	case strings.HasPrefix(path, "/_synapse/admin/"):
-		if user != modelAdmin {
+		if !m.admins[user] {
 			writeJSON(w, 403, `{"errcode":"M_FORBIDDEN","error":"You are not a server admin"}`)
 			return
 		}
@@ -413,10 +416,18 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 				Deactivated   *bool   `json:"deactivated"`
 				Password      *string `json:"password"`
 				LogoutDevices *bool   `json:"logout_devices"`
+				Admin         *bool   `json:"admin"`
 			}
 			if json.Unmarshal(body, &req) != nil || (req.Locked != nil && *req.Locked && req.Deactivated != nil && *req.Deactivated) {
 				writeJSON(w, 400, `{"errcode":"M_BAD_JSON","error":"An user can't be deactivated and locked"}`)
 				return
+			}
+			if req.Admin != nil && m.admins[rest[2]] != *req.Admin {
+				if rest[2] == user && !*req.Admin {
+					writeJSON(w, 400, `{"errcode":"M_UNKNOWN","error":"You may not demote yourself."}`)
+					return
+				}
+				m.admins[rest[2]] = *req.Admin
 			}
 			if req.Password != nil && (req.LogoutDevices == nil || *req.LogoutDevices) {
 				m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] && t != caller })
@@ -440,6 +451,33 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 				// Synapse keeps the requester's own token (set_password).
 				m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] && t != caller })
 			}
+			writeJSON(w, 200, `{}`)
+		case len(rest) == 4 && rest[0] == "v1" && rest[1] == "users" && rest[3] == "admin":
+			// UserAdminServlet: GET the flag, PUT it (an admin may
+			// not demote themselves).
+			if r.Method == "GET" {
+				writeJSON(w, 200, fmt.Sprintf(`{"admin":%t}`, m.admins[rest[2]]))
+				return
+			}
+			var req struct {
+				Admin *bool `json:"admin"`
+			}
+			if json.Unmarshal(body, &req) != nil || req.Admin == nil {
+				writeJSON(w, 400, `{"errcode":"M_MISSING_PARAM","error":"Missing param 'admin'"}`)
+				return
+			}
+			if rest[2] == user && !*req.Admin {
+				writeJSON(w, 400, `{"errcode":"M_UNKNOWN","error":"You may not demote yourself."}`)
+				return
+			}
+			m.admins[rest[2]] = *req.Admin
+			writeJSON(w, 200, `{}`)
+		case r.Method == "POST" && len(rest) == 4 && rest[1] == "users" && rest[3] == "delete_devices":
+			var req struct {
+				Devices []string `json:"devices"`
+			}
+			_ = json.Unmarshal(body, &req)
+			m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] && slices.Contains(req.Devices, t.device) })
 			writeJSON(w, 200, `{}`)
 		case r.Method == "DELETE" && len(rest) == 5 && rest[1] == "users" && rest[3] == "devices":
 			m.revokeWhere(func(t *modelToken) bool { return t.user == rest[2] && t.device == rest[4] })
