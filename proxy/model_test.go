@@ -38,8 +38,10 @@ type modelHS struct {
 	hold *modelHold
 	// onHold, if set, is told of each hold taken (tests of the check).
 	onHold func(*modelHold)
-	// whoamis counts the homeserver's whoami calls per access token and
-	// masquerade user ("tok|user").
+	// whoamis counts the homeserver's whoami calls per access token,
+	// masquerade user and client address ("tok|user|addr": an
+	// appservice's answers are kept per client address, so a lookup
+	// from another one is no sign of a dropped entry).
 	whoamis map[string]int
 	// locked: users the admin API or MSC4323 locked (Synapse answers
 	// 401 M_USER_LOCKED, soft_logout, and keeps their tokens);
@@ -255,7 +257,7 @@ func (m *modelHS) deviceExists(user, device string) bool {
 func (m *modelHS) whoamiCount(tok string) int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.whoamis[tok+"|"]
+	return m.whoamis[tok+"||127.0.0.1"]
 }
 
 func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
@@ -332,7 +334,7 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	if strings.HasSuffix(path, "/account/whoami") {
 		// Counted per token and masquerade (a 403 is never cached).
-		m.whoamis[tok+"|"+r.URL.Query().Get("user_id")]++
+		m.whoamis[tok+"|"+r.URL.Query().Get("user_id")+"|"+r.Header.Get("X-Forwarded-For")]++
 	}
 	if tok == "" {
 		writeJSON(w, 401, `{"errcode":"M_MISSING_TOKEN","error":"Missing access token"}`)
