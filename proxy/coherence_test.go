@@ -1230,7 +1230,7 @@ var coherenceSeeds = [][]modelOp{
 	// A refused call from another address than the check's: the
 	// appservice's answers are kept per client address, so its caller
 	// lookup is no dropped entry (found by the random driver).
-	{{opAppservice, 249, 232}},
+	{{opAppservice, 249, 232}}, {{opAppservice, 19, 133}},
 	// Admin status, which forward-auth's admin=true reads, and the admin
 	// API's delete_devices.
 	{{opLogin, 0, 0}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 0}, {opAdminSetAdmin, 1, 1}, {opAdminDeleteDevices, 2, 3},

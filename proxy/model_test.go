@@ -39,7 +39,8 @@ type modelHS struct {
 	// onHold, if set, is told of each hold taken (tests of the check).
 	onHold func(*modelHold)
 	// whoamis counts the homeserver's whoami calls per access token,
-	// masquerade user and client address ("tok|user|addr": an
+	// masquerade user and client address ("tok|user|addr", and "|device"
+	// with a device masquerade: an
 	// appservice's answers are kept per client address, so a lookup
 	// from another one is no sign of a dropped entry).
 	whoamis map[string]int
@@ -334,7 +335,11 @@ func (m *modelHS) serve(w http.ResponseWriter, r *http.Request) {
 	}
 	if strings.HasSuffix(path, "/account/whoami") {
 		// Counted per token and masquerade (a 403 is never cached).
-		m.whoamis[tok+"|"+r.URL.Query().Get("user_id")+"|"+r.Header.Get("X-Forwarded-For")]++
+		k := tok + "|" + r.URL.Query().Get("user_id") + "|" + r.Header.Get("X-Forwarded-For")
+		if q := r.URL.Query(); q.Has("device_id") || q.Has("org.matrix.msc3202.device_id") {
+			k += "|device"
+		}
+		m.whoamis[k]++
 	}
 	if tok == "" {
 		writeJSON(w, 401, `{"errcode":"M_MISSING_TOKEN","error":"Missing access token"}`)
