@@ -265,6 +265,13 @@ func newCoherenceRig(tb testing.TB) *coherenceRig { return newCoherenceRigN(tb, 
 
 func newCoherenceRigN(tb testing.TB, n int, redis *coherenceRedis) *coherenceRig {
 	tb.Helper()
+	return newCoherenceRigWith(tb, n, redis, func(*Config) {})
+}
+
+// newCoherenceRigWith is newCoherenceRigN with a change to the replicas'
+// configuration.
+func newCoherenceRigWith(tb testing.TB, n int, redis *coherenceRedis, change func(*Config)) *coherenceRig {
+	tb.Helper()
 	r := &coherenceRig{clock: &fakeClock{t: time.Unix(1_700_000_000, 0)}, redis: redis,
 		behindAt: map[string]time.Time{}, lastGood: map[string]string{}, cached: map[string]bool{}, err401Until: map[string]time.Time{}}
 	r.hs = newModelHS(r.clock.Now)
@@ -279,6 +286,7 @@ func newCoherenceRigN(tb testing.TB, n int, redis *coherenceRedis) *coherenceRig
 			LookupTimeout: 5 * time.Second, Now: r.clock.Now},
 		ServerName: modelServer, MASSecret: modelMASToken, Introspector: r.hs,
 	}
+	change(&r.cfg)
 	r.tr = &http.Transport{}
 	r.client = &http.Client{Transport: r.tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(modelFencedAddr)}}
@@ -1078,6 +1086,16 @@ func runCoherence(tb testing.TB, ops []modelOp) error {
 	return r.run(tb, ops)
 }
 
+// runCoherenceLearning is runCoherence with replicas that are not told the
+// server name: they learn it from their first positive answer, and a MAS
+// call before that can only flush.
+func runCoherenceLearning(tb testing.TB, ops []modelOp) error {
+	tb.Helper()
+	r := newCoherenceRigWith(tb, 1, nil, func(c *Config) { c.ServerName = "" })
+	defer r.close()
+	return r.run(tb, ops)
+}
+
 func (r *coherenceRig) run(tb testing.TB, ops []modelOp) error {
 	tb.Helper()
 	r.waitBuses(tb)
@@ -1166,14 +1184,23 @@ func FuzzCoherence(f *testing.F) {
 	for _, seed := range coherenceSeeds {
 		f.Add(encodeOps(seed))
 	}
+	for _, seed := range learningSeeds {
+		f.Add(append(encodeOps(seed), 0))
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		ops := decodeOps(data)
-		if err := runCoherence(t, ops); err != nil {
-			shrunk, serr := shrinkOps(ops, 300, func(ops []modelOp) error { return runCoherence(t, ops) })
+		// An input one byte longer than its operations runs replicas
+		// that learn the server name.
+		run, runner := runCoherence, "runCoherence"
+		if len(data)%3 == 1 {
+			run, runner = runCoherenceLearning, "runCoherenceLearning"
+		}
+		if err := run(t, ops); err != nil {
+			shrunk, serr := shrinkOps(ops, 300, func(ops []modelOp) error { return run(t, ops) })
 			if serr == nil {
 				serr = fmt.Errorf("did not fail again when re-run (timing-dependent): %w", err)
 			}
-			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr, "runCoherence"))
+			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr, runner))
 		}
 	})
 }
@@ -1246,6 +1273,14 @@ var coherenceSeeds = [][]modelOp{
 	{{opLogin, 1, 0x81}, {opLogin, 1, 2}, {opWhoami, 2, 0}, {opAdvance, 35, 0}, {opLogoutAll, 1, 0}, {opAdvance, 89, 0}, {opAdvance, 40, 0}},
 	// Calls without a token: refused ones drop nothing, successes flush.
 	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opTokenless, 1, 2}, {opTokenless, 1, 3}, {opWhoami, 2, 0}, {opTokenless, 1, 0}, {opLogin, 2, 1}, {opTokenless, 2, 1}},
+}
+
+// learningSeeds run with replicas that learn the server name: MAS's calls
+// before any positive answer, after one, and after a restart forgot it.
+var learningSeeds = [][]modelOp{
+	{{opLogin, 1, 0}, {opMASDeleteDevice, 0, 1}, {opLogin, 2, 1}, {opWhoami, 2, 0}, {opMASLock, 1, 3}, {opMASDeleteUser, 0, 1},
+		{opRestart, 0, 0}, {opMASSyncDevices, 0, 2}, {opLogin, 3, 0}, {opWhoami, 3, 0}, {opMASLock, 0, 4}},
+	{{opMASLogin, 1, 1}, {opMASLock, 1, 1}, {opWhoami, 1, 0}, {opMASLock, 0, 1}, {opLogin, 2, 0}, {opWhoami, 2, 0}, {opMASLock, 1, 1}},
 }
 
 // The check must see what it is there to see: a stale answer the README
