@@ -1326,12 +1326,23 @@ func TestCoherenceCheckCatches(t *testing.T) {
 			},
 			want: "errs towards 401, but wrongly",
 		},
+		{
+			name: "forward-auth's admin=true answer outliving a demotion behind the proxy's back",
+			break_: func(r *coherenceRig) map[string]bool {
+				// The setup's check cached @u0's admin status.
+				r.hs.mu.Lock()
+				r.hs.admins[modelAdmin] = false
+				r.hs.mu.Unlock()
+				return map[string]bool{modelAdmin: true}
+			},
+			want: `forward-auth (admin=true) of syt_u0_3 (@u0:hs): proxy says "200 @u0:hs NEW3 guest=false", homeserver "403"`,
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r := newCoherenceRig(t)
 			defer r.close()
-			for _, o := range []modelOp{{opLogin, 1, 1}, {opLogin, 2, 2}} {
+			for _, o := range []modelOp{{opLogin, 1, 1}, {opLogin, 2, 2}, {opLogin, 0, 0}} {
 				if _, _, err := r.step(t, o); err != nil {
 					t.Fatal(err)
 				}
