@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -53,6 +55,16 @@ const (
 	opMASSyncDevices                   // MAS keeps only the device of token B of its user
 	opAdminResetPassword               // token A resets the password of user B (admin API); B&0x40: logout_devices false
 	opBurst                            // concurrent clients: whoamis of token A through every replica while A logs out (B&1) or makes another request
+	opGuest                            // a guest registers (POST /register?kind=guest)
+	opMASLogin                         // MAS issues a token for user A, device B (expiring, told only by introspection)
+	opMASLock                          // MAS: provision_user locks (A&1) or unlocks user B, or (A&2) reactivate_user
+	opAdminLock                        // token A locks user B (B&0x80: unlocks) with the admin API, or (B&0x40) MSC4323's PUT …/admin/lock (404 on Synapse 1.163)
+	opDehydrate                        // token A PUTs dehydrated device B (B&0x80: DELETEs it), MSC3814
+	opAppservice                       // an appservice's token: A%4 logout, logout/all, a use, whoami; A&4 the fenced one, A&8 from inside its whitelist; as user B (B&0x80: none), A&16 with the device of token B
+	opTokenless                        // no token: B&1 OIDC back-channel logout, else a password reset by email, for user A; B&2 refused
+	opAdminUpdate                      // token A updates user B with PUT /_synapse/admin/v2/users: the body adminUpdates[B>>5] names
+	opAdminSetAdmin                    // token A makes user B an admin (B&0x80: no longer one) with PUT /_synapse/admin/v1/users/{B}/admin
+	opAdminDeleteDevices               // token A deletes the device of token B with the admin API's POST …/users/{userId}/delete_devices
 	numOps
 
 	// opVia2, or-ed into a kind, sends the operation through the second
@@ -64,7 +76,14 @@ var opNames = [numOps]string{
 	"opLogin", "opWhoami", "opLogout", "opLogoutAll", "opDeleteDevice", "opDeleteDevices",
 	"opPassword", "opDeactivate", "opAdminDeactivate", "opAdminDeleteDevice", "opMASDeleteDevice",
 	"opMASDeleteUser", "opBehindBack", "opAdvance", "opUse", "opRefresh", "opRestart", "opRedisBounce",
-	"opMASSyncDevices", "opAdminResetPassword", "opBurst",
+	"opMASSyncDevices", "opAdminResetPassword", "opBurst", "opGuest", "opMASLogin", "opMASLock", "opAdminLock",
+	"opDehydrate", "opAppservice", "opTokenless", "opAdminUpdate", "opAdminSetAdmin", "opAdminDeleteDevices",
+}
+
+// adminUpdates are the bodies of opAdminUpdate.
+var adminUpdates = [...]string{
+	`{"deactivated":true}`, `{"deactivated":false}`, `{"password":"x"}`, `{"password":"x","logout_devices":false}`,
+	`{"displayname":"x"}`, `{"deactivated":true,"locked":true}`, `{"password":"x","locked":false}`, `{"admin":false}`,
 }
 
 type modelOp struct {
@@ -196,23 +215,35 @@ type coherenceRig struct {
 	via    int
 	client *http.Client
 	tr     *http.Transport
+	// inside connects from modelFencedAddr, the one address the fenced
+	// appservice's ip_range_whitelist admits.
+	inside   *http.Client
+	insideTr *http.Transport
 	// redis, when set, is the bus the replicas share (coherence_replicas_test.go).
 	redis *coherenceRedis
 	// trace, if set, is told of each step (for debugging a sequence);
 	// not of the requests of a burst (concurrent).
 	trace      func(string)
 	concurrent bool
+	// refused: the last request of the step was refused (4xx but a
+	// 401 that is not a user-interactive auth challenge).
+	refused bool
 	// pubOff: what earlier instances of each replica published.
 	pubOff []float64
 	// per access token:
 	behindAt map[string]time.Time // revoked behind the proxy's back, not used since
 	lastGood map[string]string    // the last positive answer the proxy gave, by check key
-	cached   map[string]bool      // positive at the last check (so cached)
+	// err401Until: per user, until when a wrong 401 is allowed for the
+	// user's tokens (a negative answer cached while MAS had them locked).
+	err401Until map[string]time.Time
+	cached      map[string]bool // positive at the last check (so cached)
 }
 
 // coherenceReplica is one proxy.
 type coherenceReplica struct {
 	front *httptest.Server
+	// auth is its forward-auth listener.
+	auth *httptest.Server
 	// expKnown: the replica saw the token's expiry announced.
 	expKnown map[string]bool
 	// stopBus stops its bus, if any, and waits for it; busUp says whether
@@ -234,8 +265,15 @@ func newCoherenceRig(tb testing.TB) *coherenceRig { return newCoherenceRigN(tb, 
 
 func newCoherenceRigN(tb testing.TB, n int, redis *coherenceRedis) *coherenceRig {
 	tb.Helper()
+	return newCoherenceRigWith(tb, n, redis, func(*Config) {})
+}
+
+// newCoherenceRigWith is newCoherenceRigN with a change to the replicas'
+// configuration.
+func newCoherenceRigWith(tb testing.TB, n int, redis *coherenceRedis, change func(*Config)) *coherenceRig {
+	tb.Helper()
 	r := &coherenceRig{clock: &fakeClock{t: time.Unix(1_700_000_000, 0)}, redis: redis,
-		behindAt: map[string]time.Time{}, lastGood: map[string]string{}, cached: map[string]bool{}}
+		behindAt: map[string]time.Time{}, lastGood: map[string]string{}, cached: map[string]bool{}, err401Until: map[string]time.Time{}}
 	r.hs = newModelHS(r.clock.Now)
 	hasher, err := tokencache.NewHasher([]byte("test hash key, 32 bytes long...."))
 	if err != nil {
@@ -246,10 +284,14 @@ func newCoherenceRigN(tb testing.TB, n int, redis *coherenceRedis) *coherenceRig
 		Upstream: u, Transport: upstream.NewTransport(5 * time.Second), Hasher: hasher,
 		Cache: tokencache.Config{Size: 1000, TTL: modelTTL, NegativeTTL: modelNegativeTTL,
 			LookupTimeout: 5 * time.Second, Now: r.clock.Now},
-		ServerName: modelServer, MASSecret: modelMASToken,
+		ServerName: modelServer, MASSecret: modelMASToken, Introspector: r.hs,
 	}
+	change(&r.cfg)
 	r.tr = &http.Transport{}
 	r.client = &http.Client{Transport: r.tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(modelFencedAddr)}}
+	r.insideTr = &http.Transport{DialContext: dialer.DialContext}
+	r.inside = &http.Client{Transport: r.insideTr, CheckRedirect: r.client.CheckRedirect}
 	r.replicas = make([]*coherenceReplica, n)
 	r.pubOff = make([]float64, n)
 	for i := range n {
@@ -278,6 +320,7 @@ func (r *coherenceRig) start(tb testing.TB, i int) {
 	}
 	publish(p)
 	rep.front = httptest.NewServer(p)
+	rep.auth = httptest.NewServer(p.ForwardAuth())
 	rep.reg = reg
 	r.replicas[i] = rep
 }
@@ -285,6 +328,7 @@ func (r *coherenceRig) start(tb testing.TB, i int) {
 // stop stops replica i.
 func (r *coherenceRig) stop(i int) {
 	r.replicas[i].front.Close()
+	r.replicas[i].auth.Close()
 	r.replicas[i].stopBus()
 }
 
@@ -293,6 +337,7 @@ func (r *coherenceRig) close() {
 		r.stop(i)
 	}
 	r.tr.CloseIdleConnections()
+	r.insideTr.CloseIdleConnections()
 	if t, ok := r.cfg.Transport.(interface{ CloseIdleConnections() }); ok {
 		t.CloseIdleConnections()
 	}
@@ -305,6 +350,11 @@ func (r *coherenceRig) do(method, path, tok, body string) (int, string, error) {
 }
 
 func (r *coherenceRig) doVia(i int, method, path, tok, body string) (int, string, error) {
+	return r.doFrom(i, r.client, method, path, tok, body)
+}
+
+// doFrom sends a request through replica i with client c.
+func (r *coherenceRig) doFrom(i int, c *http.Client, method, path, tok, body string) (int, string, error) {
 	req, err := http.NewRequest(method, r.replicas[i].front.URL+path, strings.NewReader(body))
 	if err != nil {
 		return 0, "", err
@@ -313,23 +363,33 @@ func (r *coherenceRig) doVia(i int, method, path, tok, body string) (int, string
 	if tok != "" {
 		req.Header.Set("Authorization", "Bearer "+tok)
 	}
-	resp, err := r.client.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return 0, "", err
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
+	if !r.concurrent && err == nil {
+		// A refusal: a 4xx other than a 401 that is no user-interactive
+		// auth challenge (that one is passive invalidation's).
+		r.refused = resp.StatusCode >= 400 && resp.StatusCode < 500 &&
+			(resp.StatusCode != 401 || strings.Contains(string(b), `"flows"`))
+	}
 	if r.trace != nil && !strings.Contains(path, "/whoami") && !r.concurrent {
 		r.trace(fmt.Sprintf("  %s %s via %d: %d %s", method, path, i, resp.StatusCode, b))
 	}
 	return resp.StatusCode, string(b), err
 }
 
-// token is the access token an operand names (0 is the appservice's).
+// token is the access token an operand names (0 is the appservice's,
+// the one past the last issued the fenced appservice's).
 func (r *coherenceRig) token(i uint8) *modelToken {
 	r.hs.mu.Lock()
 	defer r.hs.mu.Unlock()
-	return r.hs.tokens[int(i)%len(r.hs.tokens)]
+	if n := int(i) % (len(r.hs.tokens) + 1); n < len(r.hs.tokens) {
+		return r.hs.tokens[n]
+	}
+	return r.hs.fence
 }
 
 func modelUser(i uint8) string { return modelUsers[int(i)%len(modelUsers)] }
@@ -344,6 +404,7 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 	}
 	o.Kind = o.Kind &^ opVia2 % numOps
 	a, b := r.token(o.A), r.token(o.B)
+	r.refused = false
 	if r.trace != nil {
 		r.trace(fmt.Sprintf("%v via %d: a=%s (%s %s) b=%s (%s %s)", o, r.via, a.tok, a.user, a.device, b.tok, b.user, b.device))
 	}
@@ -419,10 +480,22 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		}
 	case opLogout:
 		use(a)
+		expired := r.hs.answer(a.tok, "").errcode == "M_UNKNOWN_TOKEN" && r.hs.answer(a.tok, "").soft
 		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"logout", a.tok, "{}")
+		if expired {
+			// README: a logout with an expired token drops its own
+			// answers; its device's other tokens live until their
+			// announced expiry or CACHE_TTL.
+			r.markBehind(before)
+		}
 	case opLogoutAll:
 		use(a)
+		expired := r.hs.answer(a.tok, "").errcode == "M_UNKNOWN_TOKEN" && r.hs.answer(a.tok, "").soft
 		_, _, err = r.revoke(o, "POST", r.client_(o.A)+"logout/all", a.tok, "{}")
+		if expired {
+			// README: with an expired token the user cannot be named.
+			r.markBehind(before)
+		}
 	case opDeleteDevice:
 		use(a)
 		_, _, err = r.revoke(o, "DELETE", r.client_(o.A)+"devices/"+url.PathEscape(b.device), a.tok, withAuth(uia(o.B&1 != 0)))
@@ -497,6 +570,132 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		r.concurrent = false
 		close(errs)
 		err = <-errs
+	case opGuest:
+		status, resp, e := r.do("POST", "/_matrix/client/v3/register?kind=guest", "", `{}`)
+		if e != nil {
+			return nil, false, e
+		}
+		var rr struct {
+			UserID string `json:"user_id"`
+		}
+		if status == 200 && json.Unmarshal([]byte(resp), &rr) == nil {
+			affected[rr.UserID] = true
+		}
+	case opMASLogin:
+		// MAS issues the token itself: the proxy sees none of it until
+		// the token is used.
+		user := modelUser(o.A)
+		affected[user] = true
+		r.hs.issueMAS(user, modelDevices[int(o.B)%len(modelDevices)])
+	case opMASLock:
+		u := modelUser(o.B)
+		affected[u] = true
+		path, body := "/_synapse/mas/provision_user", fmt.Sprintf(`{"localpart":%q,"locked":%t}`, localpartOf(u), o.A&1 != 0)
+		if o.A&2 != 0 {
+			path, body = "/_synapse/mas/reactivate_user", fmt.Sprintf(`{"localpart":%q}`, localpartOf(u))
+		}
+		r.hs.mu.Lock()
+		wasLocked := r.hs.masLocked[u]
+		r.hs.mu.Unlock()
+		status, _, e := r.do("POST", path, modelMASToken, body)
+		if e != nil {
+			return nil, false, e
+		}
+		if status == 200 && wasLocked && o.A&3 == 0 {
+			// Unlocked: a negative answer cached during the lock lives
+			// out NEGATIVE_TTL (Synapse's own introspection cache holds
+			// the inactive answer longer).
+			r.err401Until[u] = r.clock.Now().Add(modelNegativeTTL)
+		}
+	case opAdminLock:
+		use(a)
+		u := modelUser(o.B)
+		affected[u] = true
+		path := "/_synapse/admin/v2/users/" + url.PathEscape(u)
+		if o.B&0x40 != 0 {
+			path = "/_matrix/client/v1/admin/lock/" + url.PathEscape(u)
+		}
+		_, _, err = r.do("PUT", path, a.tok, fmt.Sprintf(`{"locked":%t}`, o.B&0x80 == 0))
+	case opAdminUpdate:
+		use(a)
+		u := modelUser(o.B & 0x1f)
+		affected[u] = true
+		_, _, err = r.do("PUT", "/_synapse/admin/v2/users/"+url.PathEscape(u), a.tok, adminUpdates[o.B>>5])
+	case opAdminSetAdmin:
+		use(a)
+		u := modelUser(o.B & 0x7f)
+		affected[u] = true
+		_, _, err = r.do("PUT", "/_synapse/admin/v1/users/"+url.PathEscape(u)+"/admin", a.tok, fmt.Sprintf(`{"admin":%t}`, o.B&0x80 == 0))
+	case opAdminDeleteDevices:
+		use(a)
+		affected[b.user] = true
+		dev, _ := json.Marshal(b.device)
+		_, _, err = r.do("POST", "/_synapse/admin/v2/users/"+url.PathEscape(b.user)+"/delete_devices", a.tok, `{"devices":[`+string(dev)+`]}`)
+	case opDehydrate:
+		use(a)
+		if o.B&0x80 != 0 {
+			_, _, err = r.do("DELETE", "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", a.tok, "")
+			break
+		}
+		d, _ := json.Marshal(modelDevices[int(o.B&0x7f)%len(modelDevices)])
+		_, _, err = r.do("PUT", "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", a.tok,
+			fmt.Sprintf(`{"device_id":%s,"device_data":{"algorithm":"m.dehydration.v1"}}`, d))
+	case opAppservice:
+		as := r.hs.tokens[0]
+		if o.A&4 != 0 {
+			as = r.hs.fence
+		}
+		use(as)
+		q := url.Values{}
+		if o.B&0x80 == 0 {
+			u := modelUser(o.B)
+			q.Set("user_id", u)
+			affected[u] = true
+		}
+		if o.A&16 != 0 {
+			q.Set("device_id", b.device)
+			affected[b.user] = true
+		}
+		method, path, body := "POST", "/_matrix/client/v3/logout", "{}"
+		switch o.A % 4 {
+		case 1:
+			path = "/_matrix/client/v3/logout/all"
+		case 2:
+			method, path, body = "GET", "/_matrix/client/v3/sync", ""
+		case 3:
+			method, path, body = "GET", whoamiV3, ""
+		}
+		if len(q) > 0 {
+			path += "?" + q.Encode()
+		}
+		c := r.client
+		if o.A&8 != 0 {
+			c = r.inside
+		}
+		_, _, err = r.doFrom(r.via, c, method, path, as.tok, body)
+	case opTokenless:
+		u := modelUser(o.A)
+		var status int
+		if o.B&1 != 0 {
+			lt := "valid:" + u
+			if o.B&2 != 0 {
+				lt = "forged"
+			}
+			status, _, err = r.do("POST", "/_synapse/client/oidc/backchannel_logout", "", url.Values{"logout_token": {lt}}.Encode())
+		} else {
+			sid := u
+			if o.B&2 != 0 {
+				sid = "nobody"
+			}
+			status, _, err = r.do("POST", "/_matrix/client/v3/account/password", "",
+				fmt.Sprintf(`{"new_password":"y","auth":{"type":"m.login.email.identity","threepid_creds":{"sid":%q}}}`, sid))
+		}
+		if err != nil || status != 200 {
+			// Refused: it concerns nobody.
+			return affected, false, err
+		}
+		// README: a success flushes (no token names the user).
+		return nil, true, nil
 	case opBehindBack:
 		affected[a.user] = true
 		r.hs.mu.Lock()
@@ -557,6 +756,11 @@ func (r *coherenceRig) step(tb testing.TB, o modelOp) (affected map[string]bool,
 		r.redis.bounce(tb, r)
 		return nil, true, nil
 	}
+	if r.refused {
+		// README: a revocation whose outcome the proxy saw refused
+		// drops nothing, not even the caller's entries.
+		clear(affected)
+	}
 	return affected, false, err
 }
 
@@ -583,27 +787,108 @@ func (r *coherenceRig) markBehind(before map[*modelToken]bool) {
 	}
 }
 
-// checkKey is one whoami the check asks: a token, optionally masquerading,
-// in the header or in the query.
+// checkKey is one question the check asks: a whoami of a token,
+// optionally masquerading, in the header or in the query, from the usual
+// client address or from the one the fenced appservice's whitelist
+// admits; or (fa) the forward-auth listener's answer for the token.
 type checkKey struct {
 	tok    *modelToken
 	asUser string
-	query  bool
+	// asDevice is a device_id masquerade (MSC3202, as Synapse 1.163
+	// reads it); msc3202 sends it under its unstable name, which
+	// Synapse ignores.
+	asDevice string
+	msc3202  bool
+	query    bool
+	inside   bool
+	fa       bool
+	// faAdmin: forward-auth for a service only admins may use.
+	faAdmin bool
+}
+
+func (k checkKey) ask() modelAsk {
+	q := modelAsk{tok: k.tok.tok, asUser: k.asUser, hasUser: k.asUser != "", from: "127.0.0.1"}
+	if k.asDevice != "" && !k.msc3202 {
+		q.asDevice, q.hasDevice = k.asDevice, true
+	}
+	if k.inside {
+		q.from = modelFencedAddr
+	}
+	return q
+}
+
+func (k checkKey) String() string {
+	name := k.tok.tok
+	switch {
+	case k.faAdmin:
+		name = "forward-auth (admin=true) of " + name
+	case k.fa:
+		name = "forward-auth of " + name
+	}
+	if k.query {
+		name += " (query)"
+	}
+	if k.asUser != "" {
+		name += " as " + k.asUser
+	}
+	if k.asDevice != "" {
+		name += " device " + k.asDevice
+		if k.msc3202 {
+			name += " (unstable MSC3202 name)"
+		}
+	}
+	if k.inside {
+		name += " from " + modelFencedAddr
+	}
+	return name
 }
 
 func (r *coherenceRig) checkKeys() []checkKey {
 	r.hs.mu.Lock()
 	defer r.hs.mu.Unlock()
 	var keys []checkKey
+	bridged := map[string][]string{} // devices of live bridge tokens
 	for _, t := range r.hs.tokens {
-		keys = append(keys, checkKey{tok: t}, checkKey{tok: t, query: true})
-		if t.appservice {
-			for _, u := range []string{"@bridge_a:hs", "@bridge_b:hs", "@u1:hs"} {
-				keys = append(keys, checkKey{tok: t, asUser: u})
+		keys = append(keys, checkKey{tok: t}, checkKey{tok: t, query: true}, checkKey{tok: t, fa: true}, checkKey{tok: t, fa: true, faAdmin: true})
+		if !t.revoked && strings.HasPrefix(t.user, "@bridge_") && len(bridged[t.user]) < 2 && !slices.Contains(bridged[t.user], t.device) {
+			bridged[t.user] = append(bridged[t.user], t.device)
+		}
+	}
+	as := r.hs.tokens[0]
+	for _, u := range []string{"@bridge_a:hs", "@bridge_b:hs", "@u1:hs"} {
+		keys = append(keys, checkKey{tok: as, asUser: u})
+	}
+	keys = append(keys, checkKey{tok: as, asUser: "@bridge_a:hs", asDevice: "NODEV"},
+		checkKey{tok: as, asUser: "@bridge_a:hs", asDevice: "D1", msc3202: true})
+	for _, u := range []string{"@bridge_a:hs", "@bridge_b:hs"} {
+		for _, d := range bridged[u] {
+			keys = append(keys, checkKey{tok: as, asUser: u, asDevice: d})
+		}
+	}
+	f := r.hs.fence
+	keys = append(keys, checkKey{tok: f}, checkKey{tok: f, inside: true}, checkKey{tok: f, inside: true, asUser: "@fenced_a:hs"},
+		checkKey{tok: f, inside: true, asUser: "@bridge_a:hs"}, checkKey{tok: f, asUser: "@fenced_a:hs"}, checkKey{tok: f, fa: true})
+	return keys
+}
+
+// concerns says whether a step that concerns the users in affected
+// concerns t: its user, or, for an appservice, any user it masquerades as.
+func concerns(affected map[string]bool, t *modelToken) bool {
+	if affected[t.user] {
+		return true
+	}
+	if t.appservice {
+		prefix := "@bridge_"
+		if t.fenced {
+			prefix = "@fenced_"
+		}
+		for u := range affected {
+			if strings.HasPrefix(u, prefix) || (!t.fenced && u == "@u1:hs") {
+				return true
 			}
 		}
 	}
-	return keys
+	return false
 }
 
 // check asks every key through the proxy and compares with the model.
@@ -611,13 +896,13 @@ func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map
 	now := r.clock.Now()
 	for i := range r.replicas {
 		for _, k := range r.checkKeys() {
-			err := r.checkOne(i, k, now)
+			err := r.checkOne(i, k, now, affected, all)
 			// Another replica learns of the step over the bus, a moment
 			// later: it is checked again until it agrees, a bounded number
 			// of times (a quiescent point, not a deadline).
 			for try := 0; err != nil && r.redis != nil && i != r.via && try < coherenceBusTries; try++ {
 				time.Sleep(20 * time.Millisecond)
-				err = r.checkOne(i, k, now)
+				err = r.checkOne(i, k, now, affected, all)
 			}
 			if err != nil {
 				if len(r.replicas) > 1 {
@@ -630,23 +915,20 @@ func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map
 	// Entries of users the step does not concern must still be there.
 	if !all {
 		for _, k := range r.checkKeys() {
-			if k.asUser != "" || k.query || !r.cached[k.tok.tok] || affected[k.tok.user] {
+			if k.asUser != "" || k.asDevice != "" || k.query || k.fa || k.inside || !r.cached[k.tok.tok] || concerns(affected, k.tok) {
 				continue
 			}
-			if k.tok.appservice && (affected[modelASUser] || affected["@bridge_a:hs"] || affected["@bridge_b:hs"] || affected["@u1:hs"]) {
+			if a := r.hs.ask(k.ask()); a.status != 200 {
 				continue
 			}
-			if st, _, _ := r.hs.answer(k.tok.tok, ""); st != 200 {
-				continue
-			}
-			if n := r.hs.whoamiCount(k.tok.tok) - callsBefore[k.tok.tok+"|"]; n > 0 {
+			if n := r.hs.whoamiCount(k.tok.tok) - callsBefore[k.tok.tok+"||127.0.0.1"]; n > 0 {
 				return fmt.Errorf("the step made the entry of %s (%s), whom it does not concern, vanish (%d re-fetches)", k.tok.tok, k.tok.user, n)
 			}
 		}
 	}
 	clear(r.cached)
 	for _, k := range r.checkKeys() {
-		if st, _, _ := r.hs.answer(k.tok.tok, ""); st == 200 && k.asUser == "" && !k.query {
+		if k.asUser == "" && k.asDevice == "" && !k.query && !k.fa && !k.inside && r.hs.ask(k.ask()).status == 200 {
 			r.cached[k.tok.tok] = true
 		}
 	}
@@ -656,73 +938,138 @@ func (r *coherenceRig) check(affected map[string]bool, all bool, callsBefore map
 // coherenceBusTries bounds the re-checks of a replica waiting for the bus.
 const coherenceBusTries = 250
 
-// checkOne asks one whoami through replica i and compares with the model.
-func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time) error {
-	q := url.Values{}
-	if k.asUser != "" {
-		q.Set("user_id", k.asUser)
+// checkOne asks one question through replica i and compares with the
+// model. A wrong 401 is told apart by whom it hits: a token the step does
+// not concern (never allowed: the proxy errs only for the caller in
+// question), or the caller's (allowed only where the README says so).
+func (r *coherenceRig) checkOne(i int, k checkKey, now time.Time, affected map[string]bool, all bool) error {
+	var gotA modelAnswer
+	if k.fa {
+		st, hdr, err := r.forwardAuth(i, k.tok.tok, k.faAdmin)
+		if err != nil {
+			return err
+		}
+		gotA = modelAnswer{status: st, user: hdr.Get(headerUserID), device: hdr.Get(headerDeviceID), guest: hdr.Get(headerIsGuest) == "true"}
+	} else {
+		q := url.Values{}
+		if k.asUser != "" {
+			q.Set("user_id", k.asUser)
+		}
+		if k.asDevice != "" {
+			name := paramDeviceID
+			if k.msc3202 {
+				name = paramMSC3202DeviceID
+			}
+			q.Set(name, k.asDevice)
+		}
+		tok := k.tok.tok
+		if k.query {
+			q.Set("access_token", tok)
+			tok = ""
+		}
+		path := whoamiV3
+		if len(q) > 0 {
+			path += "?" + q.Encode()
+		}
+		var status int
+		var body string
+		var err error
+		if k.inside {
+			status, body, err = r.doFrom(i, r.inside, "GET", path, tok, "")
+		} else {
+			status, body, err = r.doVia(i, "GET", path, tok, "")
+		}
+		if err != nil {
+			return err
+		}
+		var got struct {
+			UserID   string `json:"user_id"`
+			DeviceID string `json:"device_id"`
+			IsGuest  bool   `json:"is_guest"`
+		}
+		_ = json.Unmarshal([]byte(body), &got)
+		gotA = modelAnswer{status: status, user: got.UserID, device: got.DeviceID, guest: got.IsGuest}
 	}
-	tok := k.tok.tok
-	if k.query {
-		q.Set("access_token", tok)
-		tok = ""
+	wantA := r.hs.ask(k.ask())
+	if k.fa {
+		// Forward-auth reads no masquerade, and answers 401 for any
+		// token the homeserver refuses; admin=true refuses others
+		// than admins with 403.
+		r.hs.mu.Lock()
+		admin := r.hs.admins[wantA.user]
+		r.hs.mu.Unlock()
+		switch {
+		case wantA.status != 200:
+			wantA = modelAnswer{status: 401}
+		case k.faAdmin && !admin:
+			wantA = modelAnswer{status: 403}
+		}
 	}
-	path := whoamiV3
-	if len(q) > 0 {
-		path += "?" + q.Encode()
-	}
-	status, body, err := r.doVia(i, "GET", path, tok, "")
-	if err != nil {
-		return err
-	}
-	var got struct {
-		UserID   string `json:"user_id"`
-		DeviceID string `json:"device_id"`
-	}
-	_ = json.Unmarshal([]byte(body), &got)
-	gotS := fmt.Sprintf("%d %s %s", status, got.UserID, got.DeviceID)
-	if status != 200 {
-		gotS = fmt.Sprint(status)
-	}
-	ws, wu, wd := r.hs.answer(k.tok.tok, k.asUser)
-	want := fmt.Sprintf("%d %s %s", ws, wu, wd)
-	if ws != 200 {
-		want = fmt.Sprint(ws)
-	}
-	key := fmt.Sprintf("%d|%s|%s|%t", i, k.tok.tok, k.asUser, k.query)
-	name := k.tok.tok
-	if k.query {
-		name += " (query)"
-	}
-	if k.asUser != "" {
-		name += " as " + k.asUser
-	}
+	gotS, want := gotA.String(), wantA.String()
+	key := fmt.Sprintf("%d|%v", i, k)
 	if gotS != want {
-		if ws == 401 && status == 200 && gotS == r.lastGood[key] && r.mayBeStale(i, k.tok, now) {
+		// A stale answer: a positive one (for admin=true, a refusal
+		// to a valid non-admin too) repeated.
+		positive := gotA.status == 200 || (k.faAdmin && gotA.status == 403)
+		if wantA.status != 200 && positive && gotS == r.lastGood[key] && r.mayBeStale(i, k.tok, now) {
 			return nil
 		}
-		if status == 401 && ws == 200 {
-			return fmt.Errorf("whoami of %s (%s): proxy says 401, homeserver %s (errs towards 401, but wrongly)", name, k.tok.user, want)
+		if gotA.status == 401 && (wantA.status == 200 || (k.faAdmin && wantA.status == 403)) {
+			// A negative answer cached while MAS had the user locked
+			// outlives the unlock, whatever steps come next (Synapse's
+			// own introspection cache keeps the inactive answer two
+			// minutes).
+			if now.Before(r.err401Until[k.tok.user]) {
+				return nil
+			}
+			if !all && !concerns(affected, k.tok) {
+				return fmt.Errorf("%s (%s): proxy says 401, homeserver %s, for a token the step does not concern (errs towards 401, but not only for the caller in question)", k, k.tok.user, want)
+			}
+			return fmt.Errorf("%s (%s): proxy says 401, homeserver %s (errs towards 401, but wrongly)", k, k.tok.user, want)
 		}
-		return fmt.Errorf("whoami of %s (%s): proxy says %q, homeserver %q", name, k.tok.user, gotS, want)
+		return fmt.Errorf("%s (%s): proxy says %q, homeserver %q", k, k.tok.user, gotS, want)
 	}
-	if status == 200 {
+	if gotA.status == 200 || (k.faAdmin && gotA.status == 403) {
 		r.lastGood[key] = gotS
 	}
 	return nil
 }
 
+// forwardAuth asks replica i's forward-auth listener about tok, for a
+// service that admits guests.
+func (r *coherenceRig) forwardAuth(i int, tok string, admin bool) (int, http.Header, error) {
+	policy := "guests=allow"
+	if admin {
+		policy += "&admin=true"
+	}
+	req, err := http.NewRequest("GET", r.replicas[i].auth.URL+"/auth?"+policy, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("X-Forwarded-Uri", "/protected/service")
+	req.Header.Set("X-Forwarded-Method", "GET")
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, resp.Header, nil
+}
+
 // mayBeStale says whether the README lets the proxy still answer a
 // positive whoami for t, which the homeserver no longer accepts.
 func (r *coherenceRig) mayBeStale(i int, t *modelToken, now time.Time) bool {
-	expKnown := r.replicas[i].expKnown
+	// MAS's tokens: the proxy asks MAS for their expiry.
+	expKnown := r.replicas[i].expKnown[t.tok] || t.mas
 	expired := !t.exp.IsZero() && now.After(t.exp)
-	if at, ok := r.behindAt[t.tok]; ok && now.Before(at.Add(modelTTL)) && !(expKnown[t.tok] && expired) {
+	if at, ok := r.behindAt[t.tok]; ok && now.Before(at.Add(modelTTL)) && !(expKnown && expired) {
 		return true
 	}
 	// Expiry the proxy did not see announced: a positive answer cached
 	// before the expiry lives at most CACHE_TTL.
-	return expired && !expKnown[t.tok] && now.Before(t.exp.Add(modelTTL))
+	return expired && !expKnown && now.Before(t.exp.Add(modelTTL))
 }
 
 func (r *coherenceRig) calls() map[string]int {
@@ -735,6 +1082,16 @@ func (r *coherenceRig) calls() map[string]int {
 func runCoherence(tb testing.TB, ops []modelOp) error {
 	tb.Helper()
 	r := newCoherenceRig(tb)
+	defer r.close()
+	return r.run(tb, ops)
+}
+
+// runCoherenceLearning is runCoherence with replicas that are not told the
+// server name: they learn it from their first positive answer, and a MAS
+// call before that can only flush.
+func runCoherenceLearning(tb testing.TB, ops []modelOp) error {
+	tb.Helper()
+	r := newCoherenceRigWith(tb, 1, nil, func(c *Config) { c.ServerName = "" })
 	defer r.close()
 	return r.run(tb, ops)
 }
@@ -827,14 +1184,23 @@ func FuzzCoherence(f *testing.F) {
 	for _, seed := range coherenceSeeds {
 		f.Add(encodeOps(seed))
 	}
+	for _, seed := range learningSeeds {
+		f.Add(append(encodeOps(seed), 0))
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		ops := decodeOps(data)
-		if err := runCoherence(t, ops); err != nil {
-			shrunk, serr := shrinkOps(ops, 300, func(ops []modelOp) error { return runCoherence(t, ops) })
+		// An input one byte longer than its operations runs replicas
+		// that learn the server name.
+		run, runner := runCoherence, "runCoherence"
+		if len(data)%3 == 1 {
+			run, runner = runCoherenceLearning, "runCoherenceLearning"
+		}
+		if err := run(t, ops); err != nil {
+			shrunk, serr := shrinkOps(ops, 300, func(ops []modelOp) error { return run(t, ops) })
 			if serr == nil {
 				serr = fmt.Errorf("did not fail again when re-run (timing-dependent): %w", err)
 			}
-			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr, "runCoherence"))
+			t.Fatalf("%v\nshortest failing sequence found, as a test:\n\n%s", err, regressionTest(shrunk, serr, runner))
 		}
 	})
 }
@@ -861,6 +1227,60 @@ var coherenceSeeds = [][]modelOp{
 		{opAdminResetPassword, 1, 1}, {opAdminResetPassword, 1, 0}, {opLogin, 2, 0}, {opAdminResetPassword, 5, 2}},
 	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opBurst, 1, 0}, {opBurst, 1, 1}, {opBehindBack, 2, 0}, {opBurst, 2, 0}},
 	{{opLogin, 4, 0}, {opWhoami, 0, 2 | 4<<2}, {opWhoami, 0, 2 | 1<<2}, {opAdminDeactivate, 0, 4}, {opLogin, 0, 0}, {opAdminDeactivate, 2, 4}},
+	// Guests, and a guest trying a revoking call.
+	{{opLogin, 1, 0}, {opGuest, 0, 0}, {opWhoami, 2, 0}, {opLogout, 2, 0}, {opDeactivate, 2, 0}, {opUse, 2, 0}},
+	// MAS: tokens it issues expire, told only by introspection; locks,
+	// unlocks, reactivation.
+	{{opMASLogin, 1, 1}, {opLogin, 2, 0}, {opMASLogin, 1, 2}, {opWhoami, 1, 0}, {opAdvance, 40, 0}, {opWhoami, 3, 1}, {opAdvance, 15, 0},
+		{opMASLock, 1, 2}, {opWhoami, 2, 0}, {opMASLock, 0, 2}, {opAdvance, 5, 0}, {opMASLock, 1, 2}, {opMASDeleteUser, 0, 2}, {opMASLock, 2, 2}, {opLogin, 2, 0}},
+	// Locks through the admin API and MSC4323 (which Synapse 1.163 does
+	// not serve), a locked user logging out.
+	{{opLogin, 0, 0}, {opLogin, 1, 1}, {opLogin, 2, 0}, {opAdminLock, 1, 1}, {opWhoami, 2, 0}, {opAdminLock, 1, 0x40 | 2}, {opLogout, 2, 0},
+		{opAdminLock, 1, 0x80 | 1}, {opAdminLock, 2, 1}, {opAdminLock, 1, 0x40 | 0x80 | 2}},
+	// Dehydrated devices: replacing one deletes the previous device,
+	// even when it has the same ID.
+	{{opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 0}, {opDehydrate, 1, 2}, {opDehydrate, 1, 2}, {opDehydrate, 1, 3}, {opDehydrate, 3, 0x80}, {opDehydrate, 3, 0x80}},
+	// Appservices: masquerading users and devices, the fenced one from
+	// both sides of its whitelist.
+	{{opLogin, 3, 1}, {opLogin, 3, 2}, {opLogin, 4, 0}, {opLogin, 5, 0}, {opAppservice, 3, 3}, {opAppservice, 16 | 3, 1}, {opAppservice, 16, 1},
+		{opAppservice, 2, 0x80}, {opAppservice, 8 | 4 | 3, 5}, {opAppservice, 4 | 2, 0x80}, {opAppservice, 8 | 4 | 2, 0x80}, {opAppservice, 8 | 4 | 1, 5}, {opAppservice, 1, 4}},
+	// An appservice logging out a bridged user's device (device_id
+	// masquerade), then the user.
+	{{opLogin, 3, 1}, {opLogin, 3, 2}, {opLogin, 4, 0}, {opLogin, 5, 0}, {opLogin, 1, 0}, {opAppservice, 16 | 3, 9}, {opAppservice, 16, 9},
+		{opAppservice, 16 | 3, 9}, {opAppservice, 16 | 1, 15}},
+	// The admin API's user update: deactivating, reactivating, a new
+	// password with and without logging out, nothing that revokes, a
+	// refused body, the admin's own user.
+	{{opLogin, 0, 1}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 1}, {opAdminUpdate, 1, 2<<5 | 1}, {opAdminUpdate, 1, 4<<5 | 2},
+		{opAdminUpdate, 1, 5<<5 | 2}, {opAdminUpdate, 1, 3<<5 | 2}, {opAdminUpdate, 1, 2<<5 | 0}, {opAdminUpdate, 1, 0<<5 | 2},
+		{opAdminUpdate, 1, 1<<5 | 2}, {opLogin, 2, 0}, {opAdminUpdate, 1, 6<<5 | 2}, {opAdminUpdate, 1, 7<<5 | 1}},
+	// A refused call from another address than the check's: the
+	// appservice's answers are kept per client address, so its caller
+	// lookup is no dropped entry (found by the random driver).
+	{{opAppservice, 249, 232}}, {{opAppservice, 19, 133}},
+	// Admin status, which forward-auth's admin=true reads, and the admin
+	// API's delete_devices.
+	{{opLogin, 0, 0}, {opLogin, 1, 1}, {opLogin, 1, 2}, {opLogin, 2, 0}, {opAdminSetAdmin, 1, 1}, {opAdminDeleteDevices, 2, 3},
+		{opAdminSetAdmin, 2, 0x80}, {opAdminSetAdmin, 1, 0x80}, {opAdminSetAdmin, 3, 0x80 | 1}, {opAdminDeleteDevices, 1, 2}, {opAdminUpdate, 1, 7<<5 | 2}},
+	// A negative answer cached during a MAS lock outlives the unlock
+	// (found by the random driver: the check took it for the next step's
+	// doing).
+	{{opMASLogin, 105, 0}, {opMASLock, 237, 249}, {opMASLock, 0, 249}, {opLogout, 0, 0}},
+	// Logging out with an expired token: Synapse deletes the device (or,
+	// with logout/all, the user's every device), which the proxy cannot
+	// name.
+	{{opLogin, 1, 0x81}, {opAdvance, 19, 0}, {opRefresh, 1, 0}, {opAdvance, 14, 0}, {opWhoami, 2, 0}, {opLogout, 1, 0}, {opAdvance, 19, 0}},
+	{{opLogin, 1, 0x81}, {opLogin, 1, 2}, {opWhoami, 2, 0}, {opAdvance, 35, 0}, {opLogoutAll, 1, 0}, {opAdvance, 89, 0}, {opAdvance, 40, 0}},
+	// Calls without a token: refused ones drop nothing, successes flush.
+	{{opLogin, 1, 0}, {opLogin, 2, 0}, {opTokenless, 1, 2}, {opTokenless, 1, 3}, {opWhoami, 2, 0}, {opTokenless, 1, 0}, {opLogin, 2, 1}, {opTokenless, 2, 1}},
+}
+
+// learningSeeds run with replicas that learn the server name: MAS's calls
+// before any positive answer, after one, and after a restart forgot it.
+var learningSeeds = [][]modelOp{
+	{{opLogin, 1, 0}, {opMASDeleteDevice, 0, 1}, {opLogin, 2, 1}, {opWhoami, 2, 0}, {opMASLock, 1, 3}, {opMASDeleteUser, 0, 1},
+		{opRestart, 0, 0}, {opMASSyncDevices, 0, 2}, {opLogin, 3, 0}, {opWhoami, 3, 0}, {opMASLock, 0, 4}},
+	{{opMASLogin, 1, 1}, {opMASLock, 1, 1}, {opWhoami, 1, 0}, {opMASLock, 0, 1}, {opLogin, 2, 0}, {opWhoami, 2, 0}, {opMASLock, 1, 1}},
 }
 
 // The check must see what it is there to see: a stale answer the README
@@ -879,7 +1299,7 @@ func TestCoherenceCheckCatches(t *testing.T) {
 				r.hs.mu.Unlock()
 				return map[string]bool{"@u1:hs": true}
 			},
-			want: `proxy says "200 @u1:hs D1", homeserver "401"`,
+			want: `proxy says "200 @u1:hs D1 guest=false", homeserver "401"`,
 		},
 		{
 			name: "a step concerning @u1 that empties the cache",
@@ -890,12 +1310,39 @@ func TestCoherenceCheckCatches(t *testing.T) {
 			},
 			want: "whom it does not concern, vanish",
 		},
+		{
+			name: "a step concerning @u1 after which @u2's token gets a wrong 401",
+			break_: func(r *coherenceRig) map[string]bool {
+				wrong401(t, r, 2)
+				return map[string]bool{"@u1:hs": true}
+			},
+			want: "for a token the step does not concern",
+		},
+		{
+			name: "a step concerning @u2 after which @u2's token gets a wrong 401",
+			break_: func(r *coherenceRig) map[string]bool {
+				wrong401(t, r, 2)
+				return map[string]bool{"@u2:hs": true}
+			},
+			want: "errs towards 401, but wrongly",
+		},
+		{
+			name: "forward-auth's admin=true answer outliving a demotion behind the proxy's back",
+			break_: func(r *coherenceRig) map[string]bool {
+				// The setup's check cached @u0's admin status.
+				r.hs.mu.Lock()
+				r.hs.admins[modelAdmin] = false
+				r.hs.mu.Unlock()
+				return map[string]bool{modelAdmin: true}
+			},
+			want: `forward-auth (admin=true) of syt_u0_3 (@u0:hs): proxy says "200 @u0:hs NEW3 guest=false", homeserver "403"`,
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r := newCoherenceRig(t)
 			defer r.close()
-			for _, o := range []modelOp{{opLogin, 1, 1}, {opLogin, 2, 2}} {
+			for _, o := range []modelOp{{opLogin, 1, 1}, {opLogin, 2, 2}, {opLogin, 0, 0}} {
 				if _, _, err := r.step(t, o); err != nil {
 					t.Fatal(err)
 				}
@@ -911,6 +1358,26 @@ func TestCoherenceCheckCatches(t *testing.T) {
 			}
 		})
 	}
+}
+
+// wrong401 makes the proxy answer 401 for token i, which the model still
+// holds valid: revoked for a moment, used (passive invalidation), asked (a
+// negative answer is cached), revived.
+func wrong401(t *testing.T, r *coherenceRig, i uint8) {
+	t.Helper()
+	tok := r.token(i)
+	r.hs.mu.Lock()
+	tok.revoked = true
+	r.hs.mu.Unlock()
+	if st, _, err := r.do("GET", "/_matrix/client/v3/sync", tok.tok, ""); err != nil || st != 401 {
+		t.Fatalf("sync of a revoked token: %d %v", st, err)
+	}
+	if st, _, err := r.do("GET", whoamiV3, tok.tok, ""); err != nil || st != 401 {
+		t.Fatalf("whoami of a revoked token: %d %v", st, err)
+	}
+	r.hs.mu.Lock()
+	tok.revoked = false
+	r.hs.mu.Unlock()
 }
 
 func TestShrinkOpsPrintsShortestSequence(t *testing.T) {
@@ -965,8 +1432,8 @@ func TestCoherenceHangUp(t *testing.T) {
 	if arrived == nil {
 		t.Fatal("the logout was not held at the homeserver")
 	}
-	if st, _, _ := r.hs.answer(tok.tok, ""); st != 401 {
-		t.Fatalf("the homeserver did not log out: %d", st)
+	if a := r.hs.answer(tok.tok, ""); a.status != 401 {
+		t.Fatalf("the homeserver did not log out: %v", a)
 	}
 	if err := r.check(nil, true, nil); err != nil {
 		t.Fatal(err)
