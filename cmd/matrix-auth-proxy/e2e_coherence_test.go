@@ -173,12 +173,14 @@ const (
 	// moment differently (a bound's edge, never a performance figure).
 	e2eCohMargin = 150 * time.Millisecond
 	// e2eCohMaxDown bounds an outage, in steps (reconnection backs off).
-	e2eCohMaxDown = 8
+	e2eCohMaxDown = 6
 	// e2eCohMaxTokens bounds the tokens a run issues (logins past it are
 	// skipped), so that the check stays bounded.
 	e2eCohMaxTokens = 48
 	// e2eCohBusTries bounds the re-checks of a replica waiting for the bus.
 	e2eCohBusTries = 100
+	// e2eCohDeadEvery: how often a long-dead token is checked, in steps.
+	e2eCohDeadEvery = 4
 )
 
 // e2eCohDevices are the device IDs logins name: Synapse takes any string.
@@ -399,6 +401,7 @@ type e2eCohTok struct {
 	// expLo, expHi bracket Synapse's expiry of a refreshable token.
 	expLo, expHi time.Time
 	dead         bool // Synapse said 401: for good
+	diedAt       int  // the step when it died
 	// Per replica: since when the README lets it answer a revoked token
 	// (behindAt: revoked where no replica could see it; downAt: through
 	// another replica while the bus was down), and when the token was last
@@ -433,7 +436,7 @@ type e2eCohReplica struct {
 	px       *e2eProxy
 	relay    *e2eCohRelay
 	mu       sync.Mutex
-	lastGood map[string]string // by check key: the last 200 it answered
+	lastGood map[string]string // by credential: the last 200 it answered
 }
 
 func (e *e2eCohEnv) proxyEnv() map[string]string {
@@ -947,9 +950,25 @@ func (e *e2eCohEnv) run(t *testing.T, ops []e2eCohOp) (err error) {
 	for _, rep := range r.reps {
 		_, _ = rep.relay.takeEarly()
 	}
+	var spent [e2eNumOps + 1]time.Duration // by kind; the last: checks
+	defer func() {
+		var b strings.Builder
+		for k, d := range spent {
+			if d > 0 {
+				name := "checks"
+				if k < int(e2eNumOps) {
+					name = e2eCohNames[k]
+				}
+				fmt.Fprintf(&b, " %s %v", name, d.Round(time.Millisecond))
+			}
+		}
+		t.Logf("time spent:%s; %d tokens", b.String(), len(r.toks))
+	}()
 	for i, o := range ops {
 		r.stepStart = time.Now()
 		st, what, err := r.step(o)
+		checkStart := time.Now()
+		spent[o.Kind&^e2eVia2%e2eNumOps] += checkStart.Sub(r.stepStart)
 		r.trace = append(r.trace, fmt.Sprintf("%d %v %s %s", i, o, r.stepStart.Format("15:04:05.000"), what))
 		if err != nil {
 			return &e2eCohFailure{i, fmt.Errorf("step %d %v: %w", i, o, err)}
@@ -957,6 +976,7 @@ func (e *e2eCohEnv) run(t *testing.T, ops []e2eCohOp) (err error) {
 		if err := r.check(st, prev); err != nil {
 			return &e2eCohFailure{i, fmt.Errorf("after step %d %v (%s): %w", i, o, what, err)}
 		}
+		spent[e2eNumOps] += time.Since(checkStart)
 		prev = st
 	}
 	return nil
@@ -1006,8 +1026,15 @@ func (r *e2eCohRig) check(st, prev e2eCohStep) error {
 			}
 		})
 	}
-	for _, tk := range toks {
-		work <- tk
+	step := len(r.trace) - 1
+	for n, tk := range toks {
+		// A dead token stays dead at Synapse; the replicas' answers for it
+		// are checked for a few steps after its death, then on every
+		// e2eCohDeadEvery-th step (each asks the homeserver again: see
+		// the README's passive invalidations).
+		if !tk.dead || step-tk.diedAt < 3 || (step+n)%e2eCohDeadEvery == 0 {
+			work <- tk
+		}
 	}
 	close(work)
 	wg.Wait()
@@ -1063,7 +1090,8 @@ func (r *e2eCohRig) checkKey(k e2eCohKey) (bool, error) {
 			p += "&access_token=" + url.QueryEscape(tok)
 			tok = ""
 		}
-		key := fmt.Sprintf("%s|%t", e2eCohCred(tk.tok, k.asUser), f.query)
+		// Header and query forms share one entry.
+		key := e2eCohCred(tk.tok, k.asUser)
 		var got e2eResp
 		var complaint string
 		for try := 0; ; try++ {
@@ -1096,7 +1124,7 @@ func (r *e2eCohRig) checkKey(k e2eCohKey) (bool, error) {
 // died records that Synapse no longer accepts tk, and what the README
 // lets each replica answer for it meanwhile.
 func (r *e2eCohRig) died(tk *e2eCohTok, answer e2eResp) {
-	tk.dead = true
+	tk.dead, tk.diedAt = true, len(r.trace)-1
 	var body struct {
 		SoftLogout bool `json:"soft_logout"`
 	}
