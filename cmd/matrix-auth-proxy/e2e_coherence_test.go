@@ -2,6 +2,7 @@ package main_test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -9,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -422,6 +424,10 @@ type e2eCohRig struct {
 	toks  []*e2eCohTok
 	owner map[string]string // credential → the user whose entry it is
 
+	// seen counts what the run exercised (logged at its end).
+	seen   map[string]int
+	seenMu sync.Mutex
+
 	via       int
 	busDown   bool
 	downSteps int
@@ -451,7 +457,7 @@ func (e *e2eCohEnv) newRig(t *testing.T) *e2eCohRig {
 	if e.redis.cmd == nil {
 		e.redis.Start(t) // a previous run left it down
 	}
-	r := &e2eCohRig{env: e, t: t, owner: map[string]string{}}
+	r := &e2eCohRig{env: e, t: t, owner: map[string]string{}, seen: map[string]int{}}
 	for i := range r.reps {
 		rep := &e2eCohReplica{relay: e2eCohStartRelay(t, e.syn.URL), lastGood: map[string]string{}}
 		rep.px = e2eStartProxy(t, rep.relay.srv.URL, e.proxyEnv())
@@ -473,6 +479,12 @@ func (r *e2eCohRig) close() {
 		rep.px.Stop(r.t)
 		rep.relay.close()
 	}
+}
+
+func (r *e2eCohRig) count(what string) {
+	r.seenMu.Lock()
+	r.seen[what]++
+	r.seenMu.Unlock()
 }
 
 func (r *e2eCohRig) addTok(tk *e2eCohTok) {
@@ -531,6 +543,7 @@ func (r *e2eCohRig) send(i int, method, path, token string, body any, hangUp boo
 		cancel()
 		<-done
 		close(h.release)
+		r.count("hang-ups after Synapse performed the call")
 	case <-done: // answered without reaching Synapse
 		rep.relay.mu.Lock()
 		rep.relay.hold = nil
@@ -962,6 +975,11 @@ func (e *e2eCohEnv) run(t *testing.T, ops []e2eCohOp) (err error) {
 				fmt.Fprintf(&b, " %s %v", name, d.Round(time.Millisecond))
 			}
 		}
+		r.seenMu.Lock()
+		defer r.seenMu.Unlock()
+		for _, k := range slices.Sorted(maps.Keys(r.seen)) {
+			fmt.Fprintf(&b, "\n  %s: %d", k, r.seen[k])
+		}
 		t.Logf("time spent:%s; %d tokens", b.String(), len(r.toks))
 	}()
 	for i, o := range ops {
@@ -1105,6 +1123,9 @@ func (r *e2eCohRig) checkKey(k e2eCohKey) (bool, error) {
 			// Another replica learns of the step over the bus, a moment
 			// later: it is asked again until it agrees, a bounded number
 			// of times (a quiescent point, not a deadline).
+			if try == 0 {
+				r.count("answers the other replica corrected after the bus")
+			}
 			if f.replica == r.via || r.busDown || try == e2eCohBusTries {
 				return false, fmt.Errorf("replica %d, whoami of token #%d (%s %q) as %q, query %t: %s",
 					f.replica, slices.Index(r.toks, tk), tk.userID, tk.device, k.asUser, f.query, complaint)
@@ -1130,8 +1151,10 @@ func (r *e2eCohRig) died(tk *e2eCohTok, answer e2eResp) {
 	}
 	_ = json.Unmarshal(answer.Body, &body)
 	if body.SoftLogout {
+		r.count("tokens expired")
 		return // expired: see mayBeStale
 	}
+	r.count("tokens revoked")
 	// A revoking call with an expired token (Synapse lets it log out)
 	// names only that token: what else it revokes, no replica sees.
 	unnamed := r.caller != nil && r.caller != tk && !r.caller.expLo.IsZero() && time.Now().After(r.caller.expLo.Add(-e2eCohMargin))
@@ -1156,6 +1179,7 @@ func (r *e2eCohRig) judge(i int, key string, tk *e2eCohTok, asked time.Time, got
 	// Near a refreshable token's expiry either answer may be right.
 	nearExp := !tk.expLo.IsZero() && now.After(tk.expLo.Add(-e2eCohMargin)) && asked.Before(tk.expHi.Add(e2eCohMargin))
 	if nearExp && got.Status == http.StatusUnauthorized && want.Status == http.StatusOK {
+		r.count("401s at the edge of an expiry")
 		return ""
 	}
 	if got.Status == http.StatusOK && want.Status == http.StatusUnauthorized {
@@ -1163,7 +1187,8 @@ func (r *e2eCohRig) judge(i int, key string, tk *e2eCohTok, asked time.Time, got
 		rep.mu.Lock()
 		last := rep.lastGood[key]
 		rep.mu.Unlock()
-		if gotS == last && (nearExp || r.mayBeStale(i, tk, now)) {
+		if why := r.mayBeStale(i, tk, now); gotS == last && (nearExp || why != "") {
+			r.count("stale answers allowed: " + cmp.Or(why, "at the edge of an expiry"))
 			return ""
 		}
 		return fmt.Sprintf("replica says %s (last good %q), Synapse %d %s: stale beyond what the README allows", gotS, last, want.Status, want.Body)
@@ -1174,25 +1199,28 @@ func (r *e2eCohRig) judge(i int, key string, tk *e2eCohTok, asked time.Time, got
 	return fmt.Sprintf("replica says %s %s, Synapse %s %s", gotS, got.Body, wantS, want.Body)
 }
 
-// mayBeStale says whether the README lets replica i still answer a
-// positive whoami for tk, which Synapse no longer accepts.
-func (r *e2eCohRig) mayBeStale(i int, tk *e2eCohTok, now time.Time) bool {
+// mayBeStale says why the README lets replica i still answer a positive
+// whoami for tk, which Synapse no longer accepts ("": it does not).
+func (r *e2eCohRig) mayBeStale(i int, tk *e2eCohTok, now time.Time) string {
 	expKnown := r.reps[i].relay.knowsExp(tk.tok)
 	expired := !tk.expLo.IsZero() && now.After(tk.expHi.Add(e2eCohMargin))
 	// Revoked where no replica could see it: until CACHE_TTL, its next
 	// use, or its announced expiry.
 	if at := tk.behindAt[i]; !at.IsZero() && now.Before(at.Add(e2eCohTTL+e2eCohMargin)) && !(expKnown && expired) {
-		return true
+		return "revoked behind the proxy's back"
 	}
 	// Through another replica while the bus was down: until
 	// REDIS_DOWN_CACHE_TTL (or the flush when it is back).
 	if at := tk.downAt[i]; !at.IsZero() && now.Before(at.Add(e2eCohDownTTL+e2eCohMargin)) {
-		return true
+		return "revoked through the other replica, bus down"
 	}
 	// An expiry the replica did not see announced: an answer cached
 	// before it lives until CACHE_TTL, or the token's next use.
-	return !tk.expLo.IsZero() && now.After(tk.expLo) && !expKnown && now.Before(tk.expHi.Add(e2eCohTTL+e2eCohMargin)) &&
-		tk.usedAt[i].Before(tk.expHi.Add(e2eCohMargin))
+	if !tk.expLo.IsZero() && now.After(tk.expLo) && !expKnown && now.Before(tk.expHi.Add(e2eCohTTL+e2eCohMargin)) &&
+		tk.usedAt[i].Before(tk.expHi.Add(e2eCohMargin)) {
+		return "expiry not announced to it"
+	}
+	return ""
 }
 
 // e2eCohWho is a whoami answer as compared: the status, and for a 200
@@ -1310,5 +1338,66 @@ func TestE2ECoherenceShrink(t *testing.T) {
 		if !strings.Contains(test, line) {
 			t.Errorf("printed test lacks %q:\n%s", line, test)
 		}
+	}
+}
+
+// The check must see what it is there to see: a stale answer the README
+// does not allow, and a step that made another user's entries vanish.
+func TestE2ECoherenceCheckCatches(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	env := e2eCohSetup(t)
+	tests := []struct {
+		name string
+		// break_ does, without telling the check, what the proxy would do
+		// wrong (or could not know); it returns the user it concerns.
+		break_ func(r *e2eCohRig) string
+		want   string
+	}{
+		{
+			name: "a revocation the check was not told is behind the proxy's back",
+			break_: func(r *e2eCohRig) string {
+				tk := r.toks[2]
+				e2eWant2xx(t, e2eDo(t, nil, http.MethodPost, env.syn.URL+"/_matrix/client/v3/logout", tk.tok, map[string]any{}))
+				return tk.userID
+			},
+			want: "stale beyond what the README allows",
+		},
+		{
+			name: "a step concerning one user that empties a replica's cache",
+			break_: func(r *e2eCohRig) string {
+				rep := r.reps[0]
+				rep.px.Stop(t)
+				rep.px = e2eStartProxy(t, rep.relay.srv.URL, env.proxyEnv())
+				e2eBusWaitUp(t, 1, rep.px)
+				return r.toks[2].userID
+			},
+			want: "whom it does not concern, vanish",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := env.newRig(t)
+			defer r.close()
+			none := e2eCohStep{affected: map[string]bool{}}
+			for _, o := range []e2eCohOp{{e2eOpLogin, 0, 0}, {e2eOpLogin, 1, 0}, {e2eOpWhoami, 2, 0}} {
+				r.stepStart = time.Now()
+				st, what, err := r.step(o)
+				r.trace = append(r.trace, what)
+				if err == nil {
+					err = r.check(st, none)
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			who := tt.break_(r)
+			r.trace = append(r.trace, "broken")
+			st := e2eCohStep{affected: map[string]bool{who: true}}
+			err := r.check(st, st)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("check says %v, want an error containing %q", err, tt.want)
+			}
+		})
 	}
 }
