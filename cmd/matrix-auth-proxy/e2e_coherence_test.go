@@ -34,7 +34,7 @@ import (
 // where the README says the proxy cannot know (mayBeStale); and no replica
 // may have looked up again, before its entry could expire, a live token of
 // a user the step (or the one before) did not concern. E2E_COHERENCE_OPS
-// sets the count (default 250), COHERENCE_SEED replays a seed. A failing
+// sets the count (default 200), COHERENCE_SEED replays a seed. A failing
 // sequence is shrunk (at most E2E_COHERENCE_SHRINK_RUNS runs, default 40)
 // and printed as a test to paste; E2E_COHERENCE_LOGS=dir keeps the
 // replicas' logs of the last failing run there.
@@ -49,7 +49,7 @@ func TestE2ECoherence(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	n := 250
+	n := 200
 	if s := os.Getenv("E2E_COHERENCE_OPS"); s != "" {
 		var err error
 		if n, err = strconv.Atoi(s); err != nil {
@@ -820,7 +820,7 @@ func (r *e2eCohRig) step(o e2eCohOp) (st e2eCohStep, what string, err error) {
 		what = fmt.Sprintf("Redis up %t", !r.busDown)
 	case e2eOpBurst:
 		st.affected[ua.userID] = true
-		what, err = r.burst(o, ua, &st)
+		what, err = r.burst(o, ua)
 		what += " with whoamis of " + name(ua)
 	}
 	if r.busDown && kind != e2eOpRedis {
@@ -886,7 +886,7 @@ func (r *e2eCohRig) redisToggle(st *e2eCohStep) {
 
 // burst runs, at once, whoamis of tk through both replicas (header and
 // query) and one call by tk: the state after every answer is checked.
-func (r *e2eCohRig) burst(o e2eCohOp, tk *e2eCohTok, st *e2eCohStep) (string, error) {
+func (r *e2eCohRig) burst(o e2eCohOp, tk *e2eCohTok) (string, error) {
 	var what string
 	var call func() (e2eResp, error)
 	switch o.B % 4 {
