@@ -176,8 +176,8 @@ const (
 	e2eCohMargin = 150 * time.Millisecond
 	// e2eCohMaxDown bounds an outage, in steps (reconnection backs off).
 	e2eCohMaxDown = 6
-	// e2eCohMaxTokens bounds the tokens a run issues (logins past it are
-	// skipped), so that the check stays bounded.
+	// e2eCohMaxTokens bounds the tokens a run issues (logins and
+	// refreshes past it are skipped), so that the check stays bounded.
 	e2eCohMaxTokens = 48
 	// e2eCohBusTries bounds the re-checks of a replica waiting for the bus.
 	e2eCohBusTries = 100
@@ -792,8 +792,8 @@ func (r *e2eCohRig) step(o e2eCohOp) (st e2eCohStep, what string, err error) {
 	case e2eOpRefresh:
 		// A refresh carries no access token: no use of it.
 		st.affected[ua.userID] = true
-		if ua.refresh == "" {
-			return st, "refresh of a token without one", nil
+		if ua.refresh == "" || len(r.toks) >= e2eCohMaxTokens {
+			return st, "refresh skipped (no refresh token, or token cap)", nil
 		}
 		// Synapse deletes earlier tokens of the session: the README's
 		// "refresh" limit (until their announced expiry, or CACHE_TTL).
@@ -889,7 +889,11 @@ func (r *e2eCohRig) redisToggle(st *e2eCohStep) {
 func (r *e2eCohRig) burst(o e2eCohOp, tk *e2eCohTok) (string, error) {
 	var what string
 	var call func() (e2eResp, error)
-	switch o.B % 4 {
+	variant := o.B % 4
+	if variant == 2 && len(r.toks) >= e2eCohMaxTokens {
+		variant = 0 // no more logins
+	}
+	switch variant {
 	case 0:
 		what = "GET sync"
 		r.use(tk, r.via)
