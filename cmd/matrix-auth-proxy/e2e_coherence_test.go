@@ -42,43 +42,33 @@ func TestE2ECoherence(t *testing.T) {
 	e2eShort(t)
 	t.Parallel()
 	env := e2eCohSetup(t)
-	seed := uint64(time.Now().UnixNano())
-	if s := os.Getenv("COHERENCE_SEED"); s != "" {
-		var err error
-		if seed, err = strconv.ParseUint(s, 10, 64); err != nil {
-			t.Fatal(err)
-		}
-	}
-	n := 200
-	if s := os.Getenv("E2E_COHERENCE_OPS"); s != "" {
-		var err error
-		if n, err = strconv.Atoi(s); err != nil {
-			t.Fatal(err)
-		}
-	}
+	seed := e2eCohEnvNum(t, "COHERENCE_SEED", uint64(time.Now().UnixNano()))
 	t.Logf("COHERENCE_SEED=%d", seed)
-	ops := e2eCohRandomOps(rand.New(rand.NewPCG(seed, 0)), n)
+	ops := e2eCohRandomOps(rand.New(rand.NewPCG(seed, 0)), int(e2eCohEnvNum(t, "E2E_COHERENCE_OPS", 200)))
 	start := time.Now()
 	err := env.run(t, ops)
 	t.Logf("%d operations in %v", len(ops), time.Since(start).Round(time.Millisecond))
-	shrinkRuns := 40
-	if s := os.Getenv("E2E_COHERENCE_SHRINK_RUNS"); s != "" {
-		var err error
-		if shrinkRuns, err = strconv.Atoi(s); err != nil {
-			t.Fatal(err)
-		}
+	if err == nil {
+		return
 	}
-	if err != nil && shrinkRuns == 0 {
-		t.Fatalf("COHERENCE_SEED=%d: %v", seed, err)
+	t.Logf("COHERENCE_SEED=%d: %v\nshrinking…", seed, err)
+	runs := int(e2eCohEnvNum(t, "E2E_COHERENCE_SHRINK_RUNS", 40))
+	shrunk, serr := e2eCohShrink(ops, err, runs, time.Now().Add(4*time.Minute), func(ops []e2eCohOp) error { return env.run(t, ops) })
+	t.Fatalf("COHERENCE_SEED=%d: %v\nshortest failing sequence found, as a test:\n\n%s", seed, err, e2eCohRegressionTest(shrunk, serr))
+}
+
+// e2eCohEnvNum reads a number from the environment, def if unset.
+func e2eCohEnvNum(t *testing.T, name string, def uint64) uint64 {
+	t.Helper()
+	s := os.Getenv(name)
+	if s == "" {
+		return def
 	}
+	n, err := strconv.ParseUint(s, 10, 64)
 	if err != nil {
-		t.Logf("COHERENCE_SEED=%d: %v\nshrinking…", seed, err)
-		shrunk, serr := e2eCohShrink(ops, shrinkRuns, time.Now().Add(4*time.Minute), func(ops []e2eCohOp) error { return env.run(t, ops) })
-		if serr == nil {
-			serr = fmt.Errorf("did not fail again when re-run (timing-dependent): %w", err)
-		}
-		t.Fatalf("COHERENCE_SEED=%d: %v\nshortest failing sequence found, as a test:\n\n%s", seed, err, e2eCohRegressionTest(shrunk, serr))
+		t.Fatalf("%s: %v", name, err)
 	}
+	return n
 }
 
 // e2eRunCoherence runs ops on a fresh rig (fresh users, the shared Synapse):
@@ -1258,16 +1248,13 @@ type e2eCohFailure struct {
 func (f *e2eCohFailure) Error() string { return f.Err.Error() }
 func (f *e2eCohFailure) Unwrap() error { return f.Err }
 
-// e2eCohShrink finds a shorter sequence that still fails: it cuts what
-// follows the failing step, drops chunks of operations (halves, quarters…,
-// from the end), then zeroes operands, within maxRuns runs and until
-// deadline.
-func e2eCohShrink(ops []e2eCohOp, maxRuns int, deadline time.Time, run func([]e2eCohOp) error) ([]e2eCohOp, error) {
-	err := run(ops)
-	if err == nil {
-		return ops, nil
-	}
-	runs := 1
+// e2eCohShrink finds a shorter sequence than ops that still fails (ops
+// failed with err): it cuts what follows the failing step, drops chunks of
+// operations (halves, quarters…, from the end), then zeroes operands, within
+// maxRuns more runs and until deadline. It returns the shortest and its
+// failure, which says so if nothing failed again (timing-dependent).
+func e2eCohShrink(ops []e2eCohOp, err error, maxRuns int, deadline time.Time, run func([]e2eCohOp) error) ([]e2eCohOp, error) {
+	runs, failedAgain := 0, false
 	more := func() bool { return runs < maxRuns && time.Now().Before(deadline) }
 	cut := func() {
 		var f *e2eCohFailure
@@ -1279,7 +1266,7 @@ func e2eCohShrink(ops []e2eCohOp, maxRuns int, deadline time.Time, run func([]e2
 	try := func(cand []e2eCohOp) bool {
 		runs++
 		if e := run(cand); e != nil {
-			ops, err = cand, e
+			ops, err, failedAgain = cand, e, true
 			cut()
 			return true
 		}
@@ -1308,6 +1295,9 @@ func e2eCohShrink(ops []e2eCohOp, maxRuns int, deadline time.Time, run func([]e2
 				try(cand)
 			}
 		}
+	}
+	if runs > 0 && !failedAgain {
+		err = fmt.Errorf("did not fail again when re-run (timing-dependent): %w", err)
 	}
 	return ops, err
 }
@@ -1340,10 +1330,14 @@ func TestE2ECoherenceShrink(t *testing.T) {
 	}
 	ops := e2eCohRandomOps(rand.New(rand.NewPCG(1, 2)), 60)
 	ops = append(ops, e2eCohOp{e2eOpLogout | e2eVia2, 7, 9}, e2eCohOp{e2eOpRefresh | e2eVia2, 3, 4}, e2eCohOp{e2eOpLogin, 1, 1})
-	got, err := e2eCohShrink(ops, 1000, time.Now().Add(time.Minute), fails)
+	got, err := e2eCohShrink(ops, fails(ops), 1000, time.Now().Add(time.Minute), fails)
 	want := []e2eCohOp{{e2eOpLogout, 0, 0}, {e2eOpRefresh | e2eVia2, 0, 0}}
 	if err == nil || fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("shrunk to %v (%v), want %v", got, err, want)
+	}
+	// A failure that does not come back is reported as such.
+	if _, err := e2eCohShrink(ops, &e2eCohFailure{3, fmt.Errorf("once")}, 10, time.Now().Add(time.Minute), func([]e2eCohOp) error { return nil }); err == nil || !strings.Contains(err.Error(), "did not fail again") {
+		t.Errorf("a failure that did not come back: %v", err)
 	}
 	test := e2eCohRegressionTest(got, err)
 	for _, line := range []string{"func TestE2ECoherenceRegression(t *testing.T) {", "{e2eOpLogout, 0, 0},", "{e2eOpRefresh | e2eVia2, 0, 0},", "e2eRunCoherence(t, ops)"} {
