@@ -777,3 +777,17 @@ func TestE2EHardeningLockedUser(t *testing.T) {
 		e2eWantServedFromCache(t, px, "W after the UIA challenge of "+c.method+" "+c.path, w.Token)
 	}
 }
+
+// TestE2ENonASCIIDeviceCached: Synapse escapes a non-ASCII device ID in
+// its whoami JSON ("\u00e9"). The answer must be cached all the same:
+// a client picks its device ID, and must not be able to keep its token out
+// of the cache (found by TestE2ECoherence's relay).
+func TestE2ENonASCIIDeviceCached(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	syn := e2eSharedSynapse(t)
+	px := e2eStartProxy(t, syn.URL, nil)
+	tok := e2eLogin(t, syn.URL, syn.Register(t, "utf8dev", false), map[string]any{"device_id": "é"}).Token
+	e2eWantStatus(t, e2eWhoami(t, px.URL, tok), http.StatusOK)
+	e2eWantServedFromCache(t, px, "a session whose device ID is not ASCII", tok)
+}
