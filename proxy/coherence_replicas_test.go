@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -294,6 +295,42 @@ func (r *coherenceRig) rebase(tb testing.TB, i int) {
 	for k := range r.replicas {
 		if r.replicas[k] != nil {
 			r.replicas[i].startPub[k] = r.cumPublished(tb, k)
+		}
+	}
+}
+
+// A dead token asked about through two replicas in turn costs the
+// homeserver one lookup per replica, as it costs one on a single replica:
+// each lookup's 401 publishes a passive invalidation of the token, which
+// must drop the peer's positive answers for it but not its negative one
+// (tokencache.Scope). The bus is let settle after every request, so each
+// replica has applied what the other published before it is asked.
+func TestCoherenceDeadTokenStaysNegativeAcrossReplicas(t *testing.T) {
+	t.Parallel()
+	r := newCoherenceRigN(t, 2, startCoherenceRedis(t))
+	defer r.close()
+	const dead, asks = "syt_never_issued", 20
+	for i := range asks {
+		status, body, err := r.doVia(i%2, "GET", "/_matrix/client/v3/account/whoami", dead, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if status != 401 || !strings.Contains(body, "M_UNKNOWN_TOKEN") {
+			t.Fatalf("whoami %d: %d %s", i, status, body)
+		}
+		if err := r.quiesce(t); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Each replica published its own lookup's invalidation: the bus did
+	// carry them, and they dropped nothing the replicas still needed.
+	if got := r.hs.whoamiCount(dead); got != len(r.replicas) {
+		t.Errorf("homeserver lookups for %d whoamis through %d replicas: %d, want one per replica",
+			asks, len(r.replicas), got)
+	}
+	for i := range r.replicas {
+		if n := r.busCount(t, i, "messages_applied_total"); n < 1 {
+			t.Errorf("replica %d applied %v messages: the peer's invalidation never arrived", i, n)
 		}
 	}
 }

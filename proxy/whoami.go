@@ -71,9 +71,10 @@ func (p *Proxy) resolve(r *http.Request, addr netip.Addr, key tokencache.Key, c 
 		a, unknownToken := p.answerFor(reply, c.masq)
 		a = p.masReview(ctx, key, wr.Token, a) // MAS: server name, locked users, expiry (mas.go)
 		if unknownToken {
-			// Passive invalidation: drop what else is held for this token
-			// (other masquerade variants). A negative answer is never made
-			// stale by this, so it is still stored.
+			// Passive invalidation: drop the positive answers held for
+			// this token (other masquerade variants; through the bus, the
+			// other replicas'). Negative answers, this one and the peers',
+			// stay: a token's invalidation never drops them (tokencache.Scope).
 			p.cache.InvalidateToken(key.Token, reasonUnknownToken)
 		}
 		return a, nil

@@ -3,8 +3,9 @@
 //
 // It holds answers (positive: the token is user U's on device D; negative:
 // the token is unknown), each under a Key derived from a keyed hash of the
-// token, never the token itself. Answers expire per entry, can be dropped by
-// token, by user+device or by user, and concurrent misses for one key share
+// token, never the token itself. Answers expire per entry; positive ones can
+// be dropped by token, by user+device or by user, negative ones only by a
+// flush (see Scope); and concurrent misses for one key share
 // one lookup. A lookup that was in flight while an invalidation that concerns
 // its answer happened never stores that answer. An answer that holds only for
 // the client that got it (the caller says so, Answer.Bound) is stored under
@@ -290,20 +291,30 @@ const maxShards = 16
 const invalidationLog = 1024
 
 // Scope says what an Invalidation drops.
+//
+// Only ScopeAll drops negative answers. "Unknown" cannot be made wrong by a
+// revocation: homeservers do not bring a revoked token back, nor issue one
+// a client already sent. A token's invalidation comes from a revocation or
+// from a 401 (passive, here or at another replica): in both the token is
+// dead, which its negative answers already say. Dropping them would only
+// send the next request for the dead token to the homeserver again, and
+// replicas sharing a bus would keep emptying each other's negative entries
+// with the passive invalidation each lookup publishes.
 type Scope uint8
 
 const (
-	ScopeToken  Scope = iota + 1 // every answer for one token
+	ScopeToken  Scope = iota + 1 // every positive answer for one token (every variant)
 	ScopeDevice                  // every positive answer for a user's device
 	ScopeUser                    // every positive answer for a user, but those of a spared token
-	ScopeAll                     // everything
+	ScopeAll                     // everything, negative answers too
 	// ScopeDevicesExcept: every positive answer for one of a user's
 	// devices that Keep does not name (device-less answers stay).
 	ScopeDevicesExcept
 )
 
-// Invalidation is one decision to drop answers. It holds Matrix IDs and a
-// token's ID, never a token, so it can be shared with other replicas.
+// Invalidation is one decision to drop answers (see Scope for which). It
+// holds Matrix IDs and a token's ID, never a token, so it can be shared with
+// other replicas.
 type Invalidation struct {
 	Scope Scope
 	// Token is the token of ScopeToken, or the token ScopeUser spares
@@ -603,8 +614,9 @@ func (c *Cache) stale(key Key, seq uint64, a Answer) bool {
 	return c.coveredByPendingLocked(key, positive, a.UserID, a.DeviceID)
 }
 
-// InvalidateToken drops every answer for a token (all masquerade variants)
-// and returns how many there were.
+// InvalidateToken drops every positive answer for a token (all masquerade
+// and client-bound variants) and returns how many there were. Negative
+// answers stay: the token is still unknown (see Scope).
 func (c *Cache) InvalidateToken(id TokenID, reason Reason) int {
 	return c.invalidate(Invalidation{Scope: ScopeToken, Token: id, Reason: reason})
 }
@@ -819,11 +831,7 @@ func (s *shard) dropIfCovered(inv *Invalidation, k Key) int {
 		return 0
 	}
 	n := s.at(i)
-	if n.flags&flagPositive != 0 {
-		if !covers(inv, k, true, n.userID(), n.deviceID()) {
-			return 0
-		}
-	} else if inv.Scope != ScopeToken {
+	if !covers(inv, k, n.flags&flagPositive != 0, n.userID(), n.deviceID()) {
 		return 0
 	}
 	s.drop(i)
@@ -838,7 +846,7 @@ func covers(inv *Invalidation, key Key, positive bool, user, device string) bool
 	case ScopeAll:
 		return true
 	case ScopeToken:
-		return key.Token == inv.Token
+		return positive && key.Token == inv.Token // negative answers stay: see Scope
 	case ScopeDevice:
 		return positive && user == inv.UserID && device == inv.DeviceID
 	case ScopeUser:

@@ -238,30 +238,59 @@ func TestMasqueradeVariantsAreSeparate(t *testing.T) {
 	}
 }
 
-func TestInvalidateTokenDropsEveryVariant(t *testing.T) {
+// A token's invalidation drops every positive answer for it, of every
+// variant, and keeps its negative ones: a revoked or unknown token is still
+// unknown, and dropping that answer would only send the next request for it
+// to the homeserver (replicas on a bus would keep emptying each other's).
+func TestInvalidateTokenDropsEveryPositiveVariant(t *testing.T) {
 	f := newFixture(t, nil)
 	plain := f.h.Key("as_token", Masquerade{})
 	asBob := f.h.Key("as_token", Masquerade{UserID: "@bob:x"})
+	asCarol := f.h.Key("as_token", Masquerade{UserID: "@carol:x", DeviceID: "C"})
 	asEve := f.h.Key("as_token", Masquerade{UserID: "@eve:x"})
+	dead := f.h.Key("dead", Masquerade{})
 	other := f.h.Key("other", Masquerade{})
 	f.fill(t, plain, positive("@as_bot:x", ""))
 	f.fill(t, asBob, positive("@bob:x", ""))
+	f.fill(t, asCarol, positive("@carol:x", "C"))
 	f.fill(t, asEve, negative)
+	f.fill(t, dead, negative)
 	f.fill(t, other, positive("@bob:x", "PHONE"))
 
 	if n := f.c.InvalidateToken(f.h.Token("as_token"), "logout"); n != 3 {
 		t.Errorf("InvalidateToken dropped %d, want 3", n)
 	}
-	for _, k := range []Key{plain, asBob, asEve} {
+	for _, k := range []Key{plain, asBob, asCarol} {
 		f.expect(t, k, Miss)
 	}
+	f.expect(t, asEve, NegativeHit)
 	f.expect(t, other, Hit)
 	if got := f.drops.get("logout"); got != 3 {
 		t.Errorf("drops counted for logout: %d", got)
 	}
-	if n := f.c.census(); n.variantSets != 0 || len(f.c.userKeys("@bob:x")) != 1 {
+	if n := f.c.census(); n.variantSets != 1 || len(f.c.userKeys("@bob:x")) != 1 || len(f.c.userKeys("@carol:x")) != 0 {
 		t.Errorf("indexes not cleaned: %+v, @bob:x has %d", n, len(f.c.userKeys("@bob:x")))
 	}
+	checkIndexes(t, f.c)
+
+	// The same from another replica (Apply), and for the passive
+	// invalidation a 401 makes: the negative answer stays and is served.
+	for _, r := range []Reason{ReasonBus, ReasonUnknownToken} {
+		if n := f.c.Apply(Invalidation{Scope: ScopeToken, Token: dead.Token, Reason: r}); n != 0 {
+			t.Errorf("%s: dropped %d, want 0", r, n)
+		}
+		f.expect(t, dead, NegativeHit)
+		if n := f.c.InvalidateToken(dead.Token, r); n != 0 {
+			t.Errorf("%s: InvalidateToken dropped %d, want 0", r, n)
+		}
+		f.expect(t, dead, NegativeHit)
+	}
+	// Only a flush drops negative answers.
+	if n := f.c.Flush("flush"); n != 3 {
+		t.Errorf("Flush dropped %d, want 3", n)
+	}
+	f.expect(t, asEve, Miss)
+	f.expect(t, dead, Miss)
 	checkIndexes(t, f.c)
 }
 

@@ -479,3 +479,57 @@ func (m *e2eBusMonitorConn) String() string {
 	defer m.mu.Unlock()
 	return m.out.String()
 }
+
+// TestE2EBusDeadTokenStaysNegative: a dead token asked about through two
+// replicas in turn costs Synapse one lookup per replica, as on one replica.
+// Each lookup's 401 publishes a passive invalidation of the token, which
+// drops the peer's positive answers for it but leaves its negative one
+// (tokencache.Scope). After each lookup the test waits for the peer to
+// apply what the replica published, the worst case for the peer's entry.
+func TestE2EBusDeadTokenStaysNegative(t *testing.T) {
+	e2eShort(t)
+	t.Parallel()
+	rs := e2eBusStartRedis(t)
+	syn := e2eSharedSynapse(t)
+	syn.DumpOnFailure(t)
+	key := make([]byte, 32)
+	_, _ = rand.Read(key)
+	env := map[string]string{
+		"REDIS_URL":          "redis://" + rs.addr,
+		"TOKEN_HASH_KEY":     hex.EncodeToString(key),
+		"CACHE_NEGATIVE_TTL": "5m", // no expiry during the test
+		"RATE_LIMIT_RPS":     "0",
+	}
+	pxs := []*e2eProxy{e2eStartProxy(t, syn.URL, env), e2eStartProxy(t, syn.URL, env)}
+	e2eBusWaitUp(t, 1, pxs...)
+
+	const lookups401 = `matrix_auth_proxy_upstream_whoami_requests_total{code="401"}`
+	const published = `matrix_auth_proxy_bus_messages_published_total`
+	const applied = `matrix_auth_proxy_bus_messages_applied_total`
+	dead := "syt_" + hex.EncodeToString(key[:16]) // never issued
+	const asks = 20
+	for i := range asks {
+		px, peer := pxs[i%2], pxs[1-i%2]
+		before := e2eMetric(t, px.AdminURL, lookups401)
+		e2eWantStatus(t, e2eWhoami(t, px.URL, dead), http.StatusUnauthorized)
+		if e2eMetric(t, px.AdminURL, lookups401) == before {
+			continue // answered from the cache: nothing published
+		}
+		e2eEventually(t, 5*time.Second, "the peer applying the passive invalidation", func() string {
+			pub := e2eMetric(t, px.AdminURL, published)
+			if got := e2eMetric(t, peer.AdminURL, applied); pub < 1 || got < pub {
+				return fmt.Sprintf("%s published %v, %s applied %v", px.URL, pub, peer.URL, got)
+			}
+			return ""
+		})
+	}
+	var total float64
+	for _, px := range pxs {
+		n := e2eMetric(t, px.AdminURL, lookups401)
+		if n != 1 {
+			t.Errorf("%s asked Synapse %v times about the dead token, want 1", px.URL, n)
+		}
+		total += n
+	}
+	t.Logf("%d whoamis of a dead token alternating between 2 replicas: %v Synapse lookups", asks, total)
+}
