@@ -297,6 +297,17 @@ func TestE2EMAS(t *testing.T) {
 		// introspection cache still answers 200.
 		m.setLocked(alice, true)
 		e2eWant2xx(t, m.call(t, "provision_user", map[string]any{"localpart": alice, "locked": true}))
+		// The bus takes milliseconds (README, "Running several replicas"):
+		// wait until B has dropped alice's entries, that is until a whoami
+		// of A2 at B reaches Synapse.
+		e2eEventually(t, e2eBusBound, "B drops alice's entries (bus)", func() string {
+			before := e2eFamilySum(t, pb.AdminURL, e2eUpstreamWhoamiFamily)
+			e2eWhoami(t, pb.URL, tokens["A2"])
+			if d := e2eFamilySum(t, pb.AdminURL, e2eUpstreamWhoamiFamily) - before; d != 1 {
+				return fmt.Sprintf("%v lookups reached Synapse", d)
+			}
+			return ""
+		})
 		for i := range 2 {
 			before := e2eFamilySum(t, pb.AdminURL, e2eUpstreamWhoamiFamily)
 			e2eWhoami(t, pb.URL, tokens["A2"])
