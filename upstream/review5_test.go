@@ -154,3 +154,63 @@ func TestReview5AnswerHeadInPieces(t *testing.T) {
 		t.Errorf("%d connections, want 1", n)
 	}
 }
+
+// FuzzReview5HeadFields: with several fields, repeated values, a
+// Connection field and req.Close, whatever head's check admits reads back
+// as one head without body framing, carrying every field it was given
+// (framing, Host and User-Agent aside), and is Request.Write's bytes when
+// the names are canonical.
+func FuzzReview5HeadFields(f *testing.F) {
+	f.Add("Authorization", "Bearer syt_x", "accept", "*/*", "keep-alive, close", true)
+	f.Add("Content-length", "5", "Transfer-encoding", "chunked", "x close", true)
+	f.Add("X-A", " a\tb ", "X-A", "c", "close", false)
+	f.Add("Accept", "*/*", "X-A", "b", "x close", true)
+	f.Add("Accept", "*/*", "X-A", "b", "keep-alive", true)
+	f.Fuzz(func(t *testing.T, n1, v1, n2, v2, connection string, close bool) {
+		newReq := func() *http.Request {
+			req, _ := http.NewRequestWithContext(t.Context(), "GET", "http://hs/x", nil)
+			req.Close = close
+			req.Header = http.Header{n1: {v1, v2}, "Connection": {connection, v1}}
+			req.Header[n2] = append(req.Header[n2], v2)
+			return req
+		}
+		req := newReq()
+		got, err := headOf(req)
+		if err != nil {
+			return
+		}
+		back, err := http.ReadRequest(bufio.NewReader(strings.NewReader(got)))
+		if err != nil {
+			t.Fatalf("head %q does not read back: %v", got, err)
+		}
+		if strings.Count(got, "\r\n\r\n") != 1 || back.ContentLength != 0 || len(back.TransferEncoding) != 0 ||
+			back.Host != "hs" || back.RequestURI != "/x" {
+			t.Fatalf("head %q reads back as %q to %q, length %d, encoding %q", got, back.RequestURI, back.Host,
+				back.ContentLength, back.TransferEncoding)
+		}
+		// Where the Connection values name no close, head must add one
+		// (where they do, it follows Request.Write, compared below).
+		if close && !back.Close && !strings.Contains(strings.ToLower(connection+v1), "close") {
+			t.Fatalf("head %q: asked to close, does not say so", got)
+		}
+		for k, vs := range req.Header {
+			if excludedField(k) {
+				continue
+			}
+			want := make([]string, len(vs))
+			for i, v := range vs {
+				want[i] = strings.Trim(v, " \t")
+			}
+			have := back.Header[http.CanonicalHeaderKey(k)]
+			if k == http.CanonicalHeaderKey(k) && len(have) < len(want) ||
+				len(have) > 0 && !strings.Contains(strings.Join(have, "\x00"), strings.Join(want, "\x00")) {
+				t.Fatalf("head %q: %s read back as %q, want %q among them", got, k, have, want)
+			}
+		}
+		if n1 == http.CanonicalHeaderKey(n1) && n2 == http.CanonicalHeaderKey(n2) {
+			if std, err := stdHeadOf(newReq()); err == nil && std != got {
+				t.Fatalf("head wrote\n%q\nRequest.Write wrote\n%q", got, std)
+			}
+		}
+	})
+}
