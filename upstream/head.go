@@ -131,7 +131,7 @@ func (h *head) write(w *bufio.Writer) error {
 			trace.WroteHeaderField("User-Agent", []string{ua})
 		}
 	}
-	if req.Close && !httpguts.HeaderValuesContainsToken(req.Header["Connection"], "close") {
+	if req.Close && !saysClose(req.Header["Connection"]) {
 		w.WriteString("Connection: close\r\n")
 		if traced {
 			trace.WroteHeaderField("Connection", []string{"close"})
@@ -159,6 +159,34 @@ func (h *head) write(w *bufio.Writer) error {
 	}
 	return err
 }
+
+// saysClose is Request.Write's test before it adds "Connection: close"
+// for req.Close (net/http's hasToken on the first value: "close" between
+// spaces, commas or tabs, any case), so that head writes the same bytes.
+// Either way the request says close; only repeats differ.
+func saysClose(vs []string) bool {
+	if len(vs) == 0 {
+		return false
+	}
+	v := vs[0]
+	const token = "close"
+	for sp := 0; sp+len(token) <= len(v); sp++ {
+		end := sp + len(token)
+		if sp > 0 && !isTokenBoundary(v[sp-1]) || end < len(v) && !isTokenBoundary(v[end]) {
+			continue
+		}
+		i := 0
+		for i < len(token) && v[sp+i]|0x20 == token[i] { // token is lower-case letters
+			i++
+		}
+		if i == len(token) {
+			return true
+		}
+	}
+	return false
+}
+
+func isTokenBoundary(b byte) bool { return b == ' ' || b == ',' || b == '\t' }
 
 // defaultUserAgent is what Request.Write sends when the header names none.
 const defaultUserAgent = "Go-http-client/1.1"
