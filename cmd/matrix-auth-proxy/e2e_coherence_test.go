@@ -1,7 +1,6 @@
 package main_test
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -316,26 +315,8 @@ func (r *e2eCohRelay) ServeHTTP(w http.ResponseWriter, in *http.Request) {
 		hold, r.hold = r.hold, nil
 	}
 	r.mu.Unlock()
-	ctx := in.Context()
-	if hold != nil {
-		ctx = context.WithoutCancel(ctx) // Synapse gets the whole call
-	}
-	out, err := http.NewRequestWithContext(ctx, in.Method, r.target+in.RequestURI, bytes.NewReader(body))
-	if err != nil {
-		http.Error(w, "relay: "+err.Error(), http.StatusBadGateway)
-		return
-	}
-	out.Header = in.Header.Clone()
-	for _, h := range e2eHopHeaders {
-		out.Header.Del(h)
-	}
-	resp, err := r.tr.RoundTrip(out)
-	if err != nil {
-		http.Error(w, "relay: "+err.Error(), http.StatusBadGateway)
-		return
-	}
-	answer, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	// Synapse gets a held call whole.
+	resp, answer, err := e2eRelayForward(in, body, r.target, r.tr, hold != nil)
 	if err != nil {
 		http.Error(w, "relay: "+err.Error(), http.StatusBadGateway)
 		return

@@ -236,6 +236,35 @@ var e2eRelayWatched = []string{"/logout", "/delete_devices"}
 
 var e2eHopHeaders = []string{"Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Te", "Trailer", "Upgrade"}
 
+// e2eRelayForward sends in, whose body was read into body, to target (its
+// RequestURI appended) over tr without hop-by-hop headers, and returns the
+// answer with its body read. detached: the call goes on if in's client
+// hangs up (the homeserver must get the whole call).
+func e2eRelayForward(in *http.Request, body []byte, target string, tr http.RoundTripper, detached bool) (*http.Response, []byte, error) {
+	ctx := in.Context()
+	if detached {
+		ctx = context.WithoutCancel(ctx)
+	}
+	out, err := http.NewRequestWithContext(ctx, in.Method, target+in.RequestURI, bytes.NewReader(body))
+	if err != nil {
+		return nil, nil, err
+	}
+	out.Header = in.Header.Clone()
+	for _, h := range e2eHopHeaders {
+		out.Header.Del(h)
+	}
+	resp, err := tr.RoundTrip(out)
+	if err != nil {
+		return nil, nil, err
+	}
+	answer, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading the answer: %w", err)
+	}
+	return resp, answer, nil
+}
+
 func (r *e2eRelay) ServeHTTP(w http.ResponseWriter, in *http.Request) {
 	arrived := time.Now()
 	r.mu.Lock()
@@ -253,29 +282,10 @@ func (r *e2eRelay) ServeHTTP(w http.ResponseWriter, in *http.Request) {
 		http.Error(w, "relay: reading the request body: "+err.Error(), http.StatusBadGateway)
 		return
 	}
-	ctx := in.Context()
-	if watched != "" {
-		// Synapse must get the whole call even if the proxy hangs up.
-		ctx = context.WithoutCancel(ctx)
-	}
-	out, err := http.NewRequestWithContext(ctx, in.Method, r.target.Scheme+"://"+r.target.Host+in.RequestURI, bytes.NewReader(body))
+	// Synapse must get a watched call whole even if the proxy hangs up.
+	resp, respBody, err := e2eRelayForward(in, body, r.target.Scheme+"://"+r.target.Host, r.transport, watched != "")
 	if err != nil {
 		http.Error(w, "relay: "+err.Error(), http.StatusBadGateway)
-		return
-	}
-	out.Header = in.Header.Clone()
-	for _, h := range e2eHopHeaders {
-		out.Header.Del(h)
-	}
-	resp, err := r.transport.RoundTrip(out)
-	if err != nil {
-		http.Error(w, "relay: "+err.Error(), http.StatusBadGateway)
-		return
-	}
-	respBody, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		http.Error(w, "relay: reading the answer: "+err.Error(), http.StatusBadGateway)
 		return
 	}
 	if watched != "" {
