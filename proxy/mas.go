@@ -380,9 +380,8 @@ func masMayHavePerformed(o *outcome) bool {
 }
 
 // masReactivateUser: POST /_synapse/mas/reactivate_user {"localpart"}:
-// nothing to drop; the user is no longer locked either.
-func masReactivateUser(o *outcome, d *decision) {
-	if c, ok := parseMASCall(o.body); ok && o.bodyOK && o.result == performed {
-		d.unlocks = append(d.unlocks, c.localpart)
-	}
-}
+// nothing to drop, and nothing to unlock: Synapse's activate_account
+// (synapse/handlers/deactivate_account.py) clears the deactivation only and
+// leaves a lock in place, so a locked user stays locked here too (only
+// provision_user with "locked": false unlocks).
+func masReactivateUser(*outcome, *decision) {}
