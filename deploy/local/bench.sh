@@ -211,11 +211,13 @@ rounds() {
   done
 }
 
-# summarize NUMBER NAME WHAT TARGET OP: the goal row (median ratio of the
-# rounds against TARGET, compared with OP: ge) and an info row with the
-# ratio per CPU-second of the server itself.
+# summarize NUMBER NAME WHAT TARGET [cpu]: the goal row, on the median ratio
+# of the rounds' throughput against TARGET, and an info row with the ratio
+# per CPU-second of the server itself; with "cpu", the goal is on the ratio
+# of requests per CPU-second of each server process and throughput is the
+# info row. Prints the ratio the goal is on.
 summarize() {
-  local n=$1 name=$2 what=$3 target=$4 m lo hi ra rb oa ob c clo chi dist
+  local n=$1 name=$2 what=$3 target=$4 by=${5:-throughput} m lo hi ra rb oa ob c clo chi dist thr cpu
   read -r m lo hi < <(stats "$out/$name.rounds" 3)
   read -r ra _ _ < <(stats "$out/$name.rounds" 1)
   read -r rb _ _ < <(stats "$out/$name.rounds" 2)
@@ -223,32 +225,20 @@ summarize() {
   read -r ob _ _ < <(stats "$out/$name.rounds" 5)
   read -r c clo chi < <(stats "$out/$name.rounds" 6)
   dist=$(awk '{ d += $7 } END { print d + 0 }' "$out/$name.rounds")
-  goal "$n. $what (median of $ROUNDS rounds; min–max)" \
-    "$(printf '%.3f (%.3f–%.3f; %.0f vs %.0f req/s)' "$m" "$lo" "$hi" "$ra" "$rb")" "≥ $target" "$(ge "$m" "$target")"
-  info "$n. same, requests per CPU-second of the server itself (own CPU $oa% vs $ob%; $dist of $ROUNDS rounds disturbed)" \
-    "$(printf '%.3f (%.3f–%.3f)' "$c" "$clo" "$chi")"
+  thr=$(printf '%.3f (%.3f–%.3f; %.0f vs %.0f req/s)' "$m" "$lo" "$hi" "$ra" "$rb")
+  cpu=$(printf '%.3f (%.3f–%.3f)' "$c" "$clo" "$chi")
+  if [ "$by" = cpu ]; then
+    goal "$n. $what, requests per CPU-second of each server process (median of $ROUNDS rounds; min–max; own CPU $oa% vs $ob%, $dist rounds disturbed)" \
+      "$cpu" "≥ $target" "$(ge "$c" "$target")"
+    info "$n. same, throughput" "$thr"
+    echo "$c"
+    return
+  fi
+  goal "$n. $what (median of $ROUNDS rounds; min–max)" "$thr" "≥ $target" "$(ge "$m" "$target")"
+  info "$n. same, requests per CPU-second of the server itself (own CPU $oa% vs $ob%; $dist of $ROUNDS rounds disturbed)" "$cpu"
   echo "$m"
 }
 
-# summarize_cpu NUMBER NAME WHAT TARGET: like summarize, but the goal is
-# on the ratio of requests per CPU-second of each server process, and the
-# throughput ratio is the info row.
-summarize_cpu() {
-  local n=$1 name=$2 what=$3 target=$4 m lo hi ra rb oa ob c clo chi dist
-  read -r m lo hi < <(stats "$out/$name.rounds" 3)
-  read -r ra _ _ < <(stats "$out/$name.rounds" 1)
-  read -r rb _ _ < <(stats "$out/$name.rounds" 2)
-  read -r oa _ _ < <(stats "$out/$name.rounds" 4)
-  read -r ob _ _ < <(stats "$out/$name.rounds" 5)
-  read -r c clo chi < <(stats "$out/$name.rounds" 6)
-  dist=$(awk '{ d += $7 } END { print d + 0 }' "$out/$name.rounds")
-  goal "$n. $what, requests per CPU-second of each server process (median of $ROUNDS rounds; min–max; own CPU $oa% vs $ob%, $dist rounds disturbed)" \
-    "$(printf '%.3f (%.3f–%.3f)' "$c" "$clo" "$chi")" "≥ $target" "$(ge "$c" "$target")"
-  info "$n. same, throughput" "$(printf '%.3f (%.3f–%.3f; %.0f vs %.0f req/s)' "$m" "$lo" "$hi" "$ra" "$rb")"
-  echo "$c"
-}
-
-# reference LABEL NAME: an info row with the median ratios of rounds NAME.
 reference() {
   local m lo hi c clo chi
   read -r m lo hi < <(stats "$out/$2.rounds" 3)
@@ -453,7 +443,7 @@ fi
 if want_goal 2; then
   say "goal 2: passthrough GET $pass (~1 KiB), proxy vs nginx proxy_pass ($ROUNDS rounds of A B B A × ${SECS}s)"
   rounds passthrough "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
-  summarize_cpu 2 passthrough "passthrough / nginx proxy_pass" 0.45 >"$out/g2"
+  summarize 2 passthrough "passthrough / nginx proxy_pass" 0.45 cpu >"$out/g2"
   g2=$(cat "$out/g2")
   if [ -n "${BENCH_PROXY_VS:-}" ]; then
     say "goal 2: the proxy vs another build of it ($BENCH_PROXY_VS), and that build vs nginx"
@@ -480,7 +470,7 @@ if want_goal 2 && [ "${BENCH_G2_PEERS:-1}" = 1 ]; then
   wait_up "http://127.0.0.1:$HAP$pass"
   passthrough_same HAP
   rounds passthrough-haproxy "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$HAP" "$HAP_PID"
-  summarize_cpu 2 passthrough-haproxy "passthrough / HAProxy $(haproxy -v 2>/dev/null | awk 'NR == 1 { print $3 }')" 0.45 >/dev/null
+  summarize 2 passthrough-haproxy "passthrough / HAProxy $(haproxy -v 2>/dev/null | awk 'NR == 1 { print $3 }')" 0.45 cpu >/dev/null
   kill "$HAP_PID" 2>/dev/null || true
   say "goal 2: the same passthrough, proxy vs Caddy $CADDY_VERSION reverse_proxy (built with $($GO env GOVERSION))"
   caddy_dir="${XDG_CACHE_HOME:-$HOME/.cache}/matrix-auth-proxy/caddy-$CADDY_VERSION-$($GO env GOVERSION)"
@@ -497,7 +487,7 @@ if want_goal 2 && [ "${BENCH_G2_PEERS:-1}" = 1 ]; then
   wait_up "http://127.0.0.1:$CAD$pass"
   passthrough_same CAD
   rounds passthrough-caddy "$pass" "http://127.0.0.1:$PRX" "$PRX_PID" "http://127.0.0.1:$CAD" "$CAD_PID"
-  summarize_cpu 2 passthrough-caddy "passthrough / Caddy $CADDY_VERSION reverse_proxy (same Go)" 1.5 >/dev/null
+  summarize 2 passthrough-caddy "passthrough / Caddy $CADDY_VERSION reverse_proxy (same Go)" 1.5 cpu >/dev/null
   kill "$CAD_PID" 2>/dev/null || true
   say "goal 2, for reference: a plain httputil.ReverseProxy (deploy/bench/plainproxy) vs nginx, and the proxy vs it"
   rounds passthrough-plain "$pass" "http://127.0.0.1:$PLAIN" "$PLAIN_PID" "http://127.0.0.1:$NGX" "$NGX_PID"
