@@ -23,16 +23,16 @@ import (
 // body (parse.go), which leaves out net/http's HTTP/1.0, Expect and request
 // body cases.
 type response struct {
-	c       *conn
-	req     *http.Request
-	header  http.Header // the handler's
-	snap    http.Header // the header as of WriteHeader, when the handler touched it after
-	w       *bufio.Writer
-	isHEAD  bool
+	c      *conn
+	req    *http.Request
+	header http.Header // the handler's
+	snap   http.Header // the header as of WriteHeader, when the handler touched it after
+	w      *bufio.Writer
+	isHEAD bool
 	// wantsClose: the request asked for Connection: close (read before the
 	// handler could change the request, as net/http).
 	wantsClose bool
-	noClose bool // keep-alive: the server is not shutting down
+	noClose    bool // keep-alive: the server is not shutting down
 
 	wroteHeader   bool // logically, by WriteHeader
 	sentHeader    bool // on the wire (chunkWriter)
