@@ -32,7 +32,6 @@ type response struct {
 	// wantsClose: the request asked for Connection: close (read before the
 	// handler could change the request, as net/http).
 	wantsClose bool
-	noClose    bool // keep-alive: the server is not shutting down
 
 	wroteHeader   bool // logically, by WriteHeader
 	sentHeader    bool // on the wire (chunkWriter)
@@ -283,6 +282,7 @@ func (w *response) writeHeader(p []byte) {
 		foreachHeaderElement(v, w.declareTrailer)
 	}
 
+	keepAlives := !w.c.s.shutting.Load() // as net/http: Shutdown ends keep-alive
 	te := get(header, "Transfer-Encoding")
 	hasTE := te != ""
 	if w.handlerDone && !trailers && !hasTE && bodyAllowedForStatus(w.status) && !has(header, "Content-Length") && (!w.isHEAD || len(p) > 0) {
@@ -293,7 +293,7 @@ func (w *response) writeHeader(p []byte) {
 	if w.wantsClose {
 		w.closeAfter = true
 	}
-	if get(header, "Connection") == "close" || !w.noClose {
+	if get(header, "Connection") == "close" || !keepAlives {
 		w.closeAfter = true
 	}
 
@@ -337,7 +337,7 @@ func (w *response) writeHeader(p []byte) {
 	if w.chunking {
 		del("Content-Length")
 	}
-	if w.closeAfter && (!w.noClose || !hasToken(get(header, "Connection"), "close")) && !isProtocolSwitchResponse(code, header) {
+	if w.closeAfter && (!keepAlives || !hasToken(get(header, "Connection"), "close")) && !isProtocolSwitchResponse(code, header) {
 		del("Connection")
 		set.connection = "close"
 	}

@@ -402,7 +402,7 @@ func (c *conn) serveRequest(ctx context.Context, parsed *http.Request, remote st
 	c.mu.Unlock()
 
 	w := &response{c: c, req: req, header: make(http.Header), contentLength: -1,
-		isHEAD: req.Method == http.MethodHead, wantsClose: req.Close, noClose: !c.s.shutting.Load()}
+		isHEAD: req.Method == http.MethodHead, wantsClose: req.Close}
 	w.w = bodyWriters.Get().(*bufio.Writer)
 	w.w.Reset(chunkWriter{w})
 	handler := c.s.srv.Handler
