@@ -26,6 +26,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/proxy"
+	"github.com/matrix-auth-proxy/matrix-auth-proxy/proxy/fastlane"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache/bus"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
@@ -235,13 +236,17 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 		ErrorLog:          zap.NewStdLog(log.Named("admin")),
 	}
 
+	// The client and auth listeners serve their common requests (a GET or
+	// HEAD without a body) on the fast lane, everything else with net/http
+	// (proxy/fastlane). The admin listener is net/http's alone.
+	clientFast := fastlane.New(clientSrv)
 	servers := []struct {
-		srv *http.Server
+		srv server
 		ln  net.Listener
-	}{{clientSrv, clientLn}, {adminSrv, adminLn}}
-	var authSrv *http.Server
+	}{{clientFast, clientLn}, {adminSrv, adminLn}}
+	var auth *fastlane.Server
 	if authLn != nil {
-		authSrv = &http.Server{
+		authSrv := &http.Server{
 			Handler:           p.ForwardAuth(),
 			ReadHeaderTimeout: 10 * time.Second,
 			IdleTimeout:       2 * time.Minute,
@@ -249,10 +254,11 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 			DisableGeneralOptionsHandler: true,
 			ErrorLog:                     zap.NewStdLog(log.Named("auth")),
 		}
+		auth = fastlane.New(authSrv)
 		servers = append(servers, struct {
-			srv *http.Server
+			srv server
 			ln  net.Listener
-		}{authSrv, authLn})
+		}{auth, authLn})
 	}
 
 	// The probe and the bus run until the client listener has drained.
@@ -293,7 +299,7 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	var drain sync.WaitGroup
-	for _, srv := range []*http.Server{clientSrv, authSrv} {
+	for _, srv := range []*fastlane.Server{clientFast, auth} {
 		if srv == nil {
 			continue
 		}
@@ -314,6 +320,11 @@ func serve(ctx context.Context, cfg Config, log *zap.Logger) error {
 	wg.Wait()
 	log.Info("stopped")
 	return serveErr
+}
+
+// server is what both an http.Server and a fastlane.Server do.
+type server interface {
+	Serve(net.Listener) error
 }
 
 func adminMux(reg *prometheus.Registry, probe *upstream.Probe, draining *atomic.Bool) *http.ServeMux {
