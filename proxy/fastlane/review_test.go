@@ -1,0 +1,195 @@
+package fastlane
+
+import (
+
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Review tests: each fails on the code as reviewed (eb2c734).
+
+// TestReviewHeldHeaderMapAfterWriteHeader: a handler that keeps the map
+// Header returned and changes it after WriteHeader. net/http sends the
+// header as of WriteHeader (it clones at WriteHeader once Header was
+// called); the fast lane clones only when Header is called again, so the
+// late changes reach the wire.
+func TestReviewHeldHeaderMapAfterWriteHeader(t *testing.T) {
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hdr := w.Header()
+		hdr.Set("X-Early", "1")
+		w.WriteHeader(http.StatusOK)
+		hdr.Set("X-Late", "2")
+		hdr.Set("Content-Length", "1")
+		_, _ = io.WriteString(w, "x")
+	})
+	for _, head := range requestHeads {
+		plain, fast := pair(t, h)
+		want, got := exchange(t, plain, head), exchange(t, fast, head)
+		if got != want {
+			t.Errorf("%q: fast lane sent\n%q\nnet/http\n%q", head, got, want)
+		}
+	}
+}
+
+// TestReviewReadFromMatchesNetHTTP: io.Copy into the ResponseWriter from a
+// reader without WriteTo. net/http's response is an io.ReaderFrom that
+// sends the header after the first 512 bytes (sniffLen), so a 1000-byte
+// body goes out chunked; the fast lane has no ReadFrom, buffers 2 KiB and
+// sends a Content-Length.
+func TestReviewReadFromMatchesNetHTTP(t *testing.T) {
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		src := io.LimitReader(strings.NewReader(strings.Repeat("a", 1000)), 1000)
+		_, _ = io.Copy(w, src)
+	})
+	plain, fast := pair(t, h)
+	head := requestHeads[0]
+	want, got := exchange(t, plain, head), exchange(t, fast, head)
+	if got != want {
+		t.Errorf("fast lane sent\n%.300q\nnet/http\n%.300q", got, want)
+	}
+}
+
+// TestReviewHandedConnCloseWrite: net/http answers some requests and then
+// half-closes (CloseWrite) and lingers before closing, so that the client
+// reads the answer and not a reset (431 here; also a request body left
+// unread, MaxBytesReader's limit). It finds CloseWrite by a type assertion
+// on its net.Conn; handedConn embeds net.Conn and hides it, so on a handed
+// connection the client gets no FIN, then a reset.
+func TestReviewHandedConnCloseWrite(t *testing.T) {
+	quiet := log.New(io.Discard, "", 0)
+	head := "GET /big HTTP/1.1\r\nHost: h\r\nX-Big: " + strings.Repeat("b", 6000) + "\r\n\r\n"
+	try := func(addr string) error {
+		c, br := dial(t, addr)
+		_, _ = io.WriteString(c, head)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return err
+		}
+		if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+			return errors.New(resp.Status)
+		}
+		// The 431 has no Content-Length: its body ends at the FIN.
+		_ = c.SetReadDeadline(time.Now().Add(250 * time.Millisecond))
+		_, err = io.ReadAll(resp.Body)
+		return err
+	}
+	mk := func() *http.Server {
+		return &http.Server{Handler: echo(), ErrorLog: quiet, MaxHeaderBytes: 1}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := mk()
+	go func() { _ = plain.Serve(ln) }()
+	t.Cleanup(func() { _ = plain.Close() })
+	if err := try(ln.Addr().String()); err != nil {
+		t.Fatalf("net/http: %v (reference broken)", err)
+	}
+	_, addr, _ := start(t, mk())
+	if err := try(addr); err != nil {
+		t.Errorf("fast lane, handed to net/http: reading the 431 to its end: %v; net/http half-closes at once (EOF)", err)
+	}
+}
+
+// TestReviewPipelinedClientGoneCancels: a client that pipelines a second
+// request behind a long-poll and hangs up. net/http's background read
+// reads the socket, not its buffer, so it sees the hang-up and cancels
+// the long-poll; the fast lane never watches a request with bytes
+// buffered behind it.
+func TestReviewPipelinedClientGoneCancels(t *testing.T) {
+	check := func(t *testing.T, addr string, cancelled chan error) error {
+		c, _ := dial(t, addr)
+		_, _ = io.WriteString(c, "GET /sync HTTP/1.1\r\nHost: h\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+		time.Sleep(4 * DisconnectDelay)
+		c.Close()
+		return <-cancelled
+	}
+	mk := func() (*http.Server, chan error) {
+		cancelled := make(chan error, 2)
+		return &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path != "/sync" {
+				return
+			}
+			select {
+			case <-r.Context().Done():
+				cancelled <- r.Context().Err()
+			case <-time.After(3 * time.Second):
+				cancelled <- nil
+			}
+		})}, cancelled
+	}
+	srv, cancelled := mk()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	if err := check(t, ln.Addr().String(), cancelled); !errors.Is(err, context.Canceled) {
+		t.Fatalf("net/http: %v (reference broken)", err)
+	}
+	srv, cancelled = mk()
+	_, addr, _ := start(t, srv)
+	if err := check(t, addr, cancelled); !errors.Is(err, context.Canceled) {
+		t.Errorf("fast lane: long-poll's context %v after the client went; net/http cancels it", err)
+	}
+}
+
+// TestReviewCloseCancelsRequests: Close closes every connection; with
+// net/http that cancels the context of every request under way (its
+// background read fails). The fast lane's watcher stops at Close, so a
+// request younger than DisconnectDelay never learns.
+func TestReviewCloseCancelsRequests(t *testing.T) {
+	entered := make(chan struct{}, 1)
+	cancelled := make(chan error, 1)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		entered <- struct{}{}
+		select {
+		case <-r.Context().Done():
+			cancelled <- r.Context().Err()
+		case <-time.After(3 * time.Second):
+			cancelled <- nil
+		}
+	})}
+	s, addr, _ := start(t, srv)
+	c, _ := dial(t, addr)
+	_, _ = io.WriteString(c, "GET /sync HTTP/1.1\r\nHost: h\r\n\r\n")
+	<-entered
+	_ = s.Close()
+	if err := <-cancelled; !errors.Is(err, context.Canceled) {
+		t.Errorf("request under way at Close: context %v, want canceled (as net/http)", err)
+	}
+}
+
+// TestReviewSuperfluousWriteHeaderLog: net/http's ErrorLog line names the
+// caller ("... call from pkg.Func (file.go:line)"), which is how one finds
+// the handler at fault; the fast lane's does not.
+func TestReviewSuperfluousWriteHeaderLog(t *testing.T) {
+	var mu sync.Mutex
+	var logged bytes.Buffer
+	srv := &http.Server{ErrorLog: log.New(lockedWriter{&mu, &logged}, "", 0),
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(200)
+			w.WriteHeader(500)
+		})}
+	_, addr, _ := start(t, srv)
+	c, br := dial(t, addr)
+	_, _ = io.WriteString(c, "GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+	readBody(t, br, "GET")
+	mu.Lock()
+	defer mu.Unlock()
+	if !strings.Contains(logged.String(), "superfluous response.WriteHeader call from ") {
+		t.Errorf("log %q; net/http names the caller", logged.String())
+	}
+}
+
