@@ -1,7 +1,6 @@
 package fastlane
 
 import (
-
 	"bytes"
 	"context"
 	"errors"
@@ -192,4 +191,3 @@ func TestReviewSuperfluousWriteHeaderLog(t *testing.T) {
 		t.Errorf("log %q; net/http names the caller", logged.String())
 	}
 }
-
