@@ -191,3 +191,40 @@ func TestReviewSuperfluousWriteHeaderLog(t *testing.T) {
 		t.Errorf("log %q; net/http names the caller", logged.String())
 	}
 }
+
+// TestReviewShutdownSlowSecondHead: on a kept-alive connection the first
+// bytes of the next head have arrived, the rest trickles. net/http keeps
+// such a connection StateIdle until the head is read, so Shutdown closes
+// it at once; the fast lane marks it active at its first byte, and
+// Shutdown waits for ReadHeaderTimeout (a slow client delays every
+// deploy by up to ReadHeaderTimeout, 10 s in cmd).
+func TestReviewShutdownSlowSecondHead(t *testing.T) {
+	const rht = 3 * time.Second
+	quiet := log.New(io.Discard, "", 0)
+	run := func(t *testing.T, addr string, shutdown func(context.Context) error) time.Duration {
+		c, br := dial(t, addr)
+		_, _ = io.WriteString(c, "GET /a HTTP/1.1\r\nHost: h\r\n\r\n")
+		readBody(t, br, "GET")
+		_, _ = io.WriteString(c, "GET /b HTTP/1.1\r\n")
+		time.Sleep(100 * time.Millisecond)
+		begin := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*rht)
+		defer cancel()
+		_ = shutdown(ctx)
+		return time.Since(begin)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := &http.Server{Handler: echo(), ErrorLog: quiet, ReadHeaderTimeout: rht}
+	go func() { _ = plain.Serve(ln) }()
+	t.Cleanup(func() { _ = plain.Close() })
+	if d := run(t, ln.Addr().String(), plain.Shutdown); d > rht/3 {
+		t.Fatalf("net/http: Shutdown took %v (reference broken)", d)
+	}
+	s, addr, _ := start(t, &http.Server{Handler: echo(), ErrorLog: quiet, ReadHeaderTimeout: rht})
+	if d := run(t, addr, s.Shutdown); d > rht/3 {
+		t.Errorf("fast lane: Shutdown took %v with a slow second head; net/http closes that connection at once", d)
+	}
+}
