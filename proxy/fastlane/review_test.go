@@ -3,11 +3,14 @@ package fastlane
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -226,5 +229,36 @@ func TestReviewShutdownSlowSecondHead(t *testing.T) {
 	s, addr, _ := start(t, &http.Server{Handler: echo(), ErrorLog: quiet, ReadHeaderTimeout: rht})
 	if d := run(t, addr, s.Shutdown); d > rht/3 {
 		t.Errorf("fast lane: Shutdown took %v with a slow second head; net/http closes that connection at once", d)
+	}
+}
+
+// TestReviewTLSListener: Serve on a TLS listener (tls.NewListener, the
+// http.Server's TLSConfig unset) is the usual way to serve TLS with Serve.
+// net/http sees the *tls.Conn and sets Request.TLS (which ReverseProxy's
+// SetXForwarded turns into X-Forwarded-Proto: https, and handlers use for
+// the scheme); the fast lane serves such a connection as plain HTTP:
+// Request.TLS is nil.
+func TestReviewTLSListener(t *testing.T) {
+	ts := httptest.NewUnstartedServer(http.NotFoundHandler())
+	ts.StartTLS()
+	defer ts.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tln := tls.NewListener(ln, &tls.Config{Certificates: ts.TLS.Certificates})
+	s := New(&http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, fmt.Sprint(r.TLS != nil))
+	}), ErrorLog: log.New(io.Discard, "", 0)})
+	go func() { _ = s.Serve(tln) }()
+	defer s.Close()
+	resp, err := ts.Client().Get("https://" + ln.Addr().String() + "/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != "true" {
+		t.Errorf("Request.TLS set: %s; net/http sets it for a TLS connection", b)
 	}
 }
