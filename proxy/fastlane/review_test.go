@@ -262,3 +262,19 @@ func TestReviewTLSListener(t *testing.T) {
 		t.Errorf("Request.TLS set: %s; net/http sets it for a TLS connection", b)
 	}
 }
+
+// TestReviewCloseNotifier: net/http's ResponseWriter is an
+// http.CloseNotifier (deprecated, still asserted by older middleware, and
+// by ReverseProxy when the request's context has no Done channel); the
+// fast lane's is not, so w.(http.CloseNotifier) panics there.
+func TestReviewCloseNotifier(t *testing.T) {
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, ok := w.(http.CloseNotifier)
+		_, _ = io.WriteString(w, fmt.Sprint(ok))
+	})
+	plain, fast := pair(t, h)
+	head := requestHeads[0]
+	if want, got := exchange(t, plain, head), exchange(t, fast, head); got != want {
+		t.Errorf("fast lane sent\n%q\nnet/http\n%q", got, want)
+	}
+}
