@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -276,5 +278,50 @@ func TestReviewCloseNotifier(t *testing.T) {
 	head := requestHeads[0]
 	if want, got := exchange(t, plain, head), exchange(t, fast, head); got != want {
 		t.Errorf("fast lane sent\n%q\nnet/http\n%q", got, want)
+	}
+}
+
+// nilAddrListener's connections have no remote address, as net.Conn allows
+// (an accepted socket whose peer reset before accept returned, on some
+// systems; listeners of other transports).
+type nilAddrListener struct{ net.Listener }
+
+type nilAddrConn struct{ net.Conn }
+
+func (nilAddrConn) RemoteAddr() net.Addr { return nil }
+
+func (l nilAddrListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return nilAddrConn{c}, nil
+}
+
+// TestReviewNilRemoteAddr: net/http checks RemoteAddr for nil (Request's
+// RemoteAddr is then empty); the fast lane calls String on it, and the
+// panic in a connection's goroutine ends the process. Run in a child
+// process, so the crash fails this test only.
+func TestReviewNilRemoteAddr(t *testing.T) {
+	if os.Getenv("FASTLANE_REVIEW_CHILD") == "1" {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := New(&http.Server{Handler: echo(), ErrorLog: log.New(io.Discard, "", 0)})
+		go func() { _ = s.Serve(nilAddrListener{ln}) }()
+		c, br := dial(t, ln.Addr().String())
+		_, _ = io.WriteString(c, "GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+		if _, body := readBody(t, br, "GET"); body != "GET /x " {
+			t.Fatalf("got %q", body)
+		}
+		return
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestReviewNilRemoteAddr$", "-test.count=1")
+	cmd.Env = append(os.Environ(), "FASTLANE_REVIEW_CHILD=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		lines := strings.Split(string(out), "\n")
+		t.Errorf("a connection without a remote address: %v\n%s", err, strings.Join(lines[:min(len(lines), 12)], "\n"))
 	}
 }
