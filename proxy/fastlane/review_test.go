@@ -325,3 +325,38 @@ func TestReviewNilRemoteAddr(t *testing.T) {
 		t.Errorf("a connection without a remote address: %v\n%s", err, strings.Join(lines[:min(len(lines), 12)], "\n"))
 	}
 }
+
+// TestReviewBareLFHead: a head whose lines end in a bare LF (netcat
+// scripts, some probes and embedded clients). net/http answers it; the
+// fast lane waits for a CRLF CRLF that never comes, and at
+// ReadHeaderTimeout closes the connection without an answer (with no
+// ReadHeaderTimeout, it waits for ever).
+func TestReviewBareLFHead(t *testing.T) {
+	quiet := log.New(io.Discard, "", 0)
+	try := func(addr string) (string, error) {
+		c, br := dial(t, addr)
+		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+		_, _ = io.WriteString(c, "GET /lf HTTP/1.1\nHost: h\n\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return "", err
+		}
+		b, err := io.ReadAll(resp.Body)
+		return string(b), err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := &http.Server{Handler: echo(), ErrorLog: quiet, ReadHeaderTimeout: time.Second}
+	go func() { _ = plain.Serve(ln) }()
+	t.Cleanup(func() { _ = plain.Close() })
+	want, err := try(ln.Addr().String())
+	if err != nil || want != "GET /lf " {
+		t.Fatalf("net/http: %q, %v (reference broken)", want, err)
+	}
+	_, addr, _ := start(t, &http.Server{Handler: echo(), ErrorLog: quiet, ReadHeaderTimeout: time.Second})
+	if got, err := try(addr); got != want {
+		t.Errorf("fast lane: %q, %v; net/http answers %q", got, err, want)
+	}
+}
