@@ -360,3 +360,18 @@ func TestReviewBareLFHead(t *testing.T) {
 		t.Errorf("fast lane: %q, %v; net/http answers %q", got, err, want)
 	}
 }
+
+// TestReviewProtocolsWithoutHTTP1: an http.Server whose Protocols leave
+// HTTP/1 out (h2c with prior knowledge only) serves no HTTP/1 request;
+// the fast lane serves HTTP/1 GETs regardless.
+func TestReviewProtocolsWithoutHTTP1(t *testing.T) {
+	var p http.Protocols
+	p.SetUnencryptedHTTP2(true)
+	s, addr, _ := start(t, &http.Server{Handler: echo(), Protocols: &p, ErrorLog: log.New(io.Discard, "", 0)})
+	c, br := dial(t, addr)
+	_, _ = io.WriteString(c, "GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+	if resp, err := http.ReadResponse(br, nil); err == nil {
+		resp.Body.Close()
+		t.Errorf("HTTP/1 request answered %s (%d served on the fast lane); net/http serves none without HTTP1 in Protocols", resp.Status, s.served.Load())
+	}
+}
