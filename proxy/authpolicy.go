@@ -147,7 +147,9 @@ func (pc *policyCache) get(raw string) (*authPolicy, error) {
 		pc.m = map[string]*authPolicy{}
 	}
 	if len(pc.m) < maxPolicies {
-		pc.m[raw] = pl
+		// A copy: raw may share its bytes with the whole request head
+		// (proxy/fastlane).
+		pc.m[strings.Clone(raw)] = pl
 	}
 	pc.mu.Unlock()
 	return pl, nil

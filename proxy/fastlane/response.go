@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"path"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -64,7 +66,8 @@ func (w *response) Header() http.Header {
 
 func (w *response) WriteHeader(code int) {
 	if w.wroteHeader {
-		w.c.s.logf("http: superfluous response.WriteHeader call")
+		caller := relevantCaller()
+		w.c.s.logf("http: superfluous response.WriteHeader call from %s (%s:%d)", caller.Function, path.Base(caller.File), caller.Line)
 		return
 	}
 	if code < 100 || code > 999 {
@@ -80,21 +83,87 @@ func (w *response) WriteHeader(code int) {
 	}
 	w.wroteHeader = true
 	w.status = code
-	// net/http clones the header here when the handler has touched it;
-	// the fast lane clones only when the handler changes it before it is
-	// on the wire (Header above, and an invalid Content-Length here).
+	// As net/http: the header sent is the one of this moment, whatever a
+	// handler holding the map changes after.
+	if w.calledHeader && w.snap == nil {
+		w.snap = w.header.Clone()
+	}
 	if cl := get(w.header, "Content-Length"); cl != "" {
 		v, err := strconv.ParseInt(cl, 10, 64)
 		if err == nil && v >= 0 {
 			w.contentLength = v
 		} else {
 			w.c.s.logf("http: invalid Content-Length of %q", cl)
-			if w.calledHeader && w.snap == nil {
-				w.snap = w.header.Clone()
-			}
 			w.header.Del("Content-Length")
 		}
 	}
+}
+
+// relevantCaller is the first caller outside this package and net/http:
+// the handler at fault, as net/http's log names it.
+func relevantCaller() runtime.Frame {
+	pc := make([]uintptr, 16)
+	n := runtime.Callers(1, pc)
+	frames := runtime.CallersFrames(pc[:n])
+	for {
+		frame, more := frames.Next()
+		if !strings.Contains(frame.Function, "/proxy/fastlane.") && !strings.HasPrefix(frame.Function, "net/http.") {
+			return frame
+		}
+		if !more {
+			return runtime.Frame{}
+		}
+	}
+}
+
+// ReadFrom is net/http's: the first 512 bytes (what sniffing reads) go
+// through the buffer, then, once the header is out, the rest goes to the
+// connection directly when the body is not chunked.
+func (w *response) ReadFrom(src io.Reader) (n int64, err error) {
+	const sniffLen = 512
+	if w.w == nil {
+		return 0, errAfterHandler
+	}
+	rf, ok := w.c.nc.(io.ReaderFrom)
+	if !ok {
+		return io.Copy(writerOnly{w}, src)
+	}
+	if !w.sentHeader {
+		n0, err := io.Copy(writerOnly{w}, io.LimitReader(src, sniffLen))
+		n += n0
+		if err != nil || n0 < sniffLen {
+			return n, err
+		}
+	}
+	_ = w.w.Flush()
+	if !w.sentHeader {
+		w.writeHeader(nil)
+	}
+	_ = w.c.flush()
+	if !w.chunking && bodyAllowedForStatus(w.status) && !w.isHEAD {
+		n0, err := rf.ReadFrom(src)
+		n += n0
+		w.written += n0
+		if err != nil {
+			w.c.noteWriteError(err)
+		}
+		return n, err
+	}
+	n0, err := io.Copy(writerOnly{w}, src)
+	return n + n0, err
+}
+
+// writerOnly hides ReadFrom, so io.Copy does not call it again.
+type writerOnly struct{ io.Writer }
+
+// CloseNotify implements the deprecated http.CloseNotifier, as net/http:
+// the channel receives true when the client goes away while the handler
+// runs (the background read starts now, not after DisconnectDelay).
+func (w *response) CloseNotify() <-chan bool {
+	if w.w == nil {
+		panic("fastlane: CloseNotify called after ServeHTTP finished")
+	}
+	return w.c.closeNotify()
 }
 
 var errAfterHandler = errors.New("fastlane: write after the handler returned")

@@ -15,19 +15,24 @@
 //
 // What the fast lane does not serve goes to net/http from its first byte: a
 // request outside the subset (POST, bodies, upgrades, HTTP/1.0, odd
-// syntax, a head over 4 KiB), and then the rest of that connection. A
-// server with TLSConfig, ReadTimeout, WriteTimeout, ConnState, ConnContext
-// or BaseContext set is served by net/http alone. Limits: on the fast lane
+// syntax, a bare-LF head, a head over 4 KiB), and then the rest of that
+// connection; a TLS connection goes to net/http unread. A server with
+// TLSConfig, ReadTimeout, WriteTimeout, ConnState, ConnContext,
+// BaseContext or Protocols without HTTP/1 is served by net/http alone. Limits: on the fast lane
 // the ResponseWriter offers no Hijack and http.ResponseController cannot
 // set deadlines (no request there has a body or an upgrade), and
-// SetKeepAlivesEnabled(false) is not seen (Shutdown is).
+// SetKeepAlivesEnabled(false) is not seen (Shutdown is). A request's
+// header values and URL share one copy of its head (at most 4 KiB): a
+// handler that keeps one for long should copy it (strings.Clone).
 package fastlane
 
 import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
+	"io"
 	"log"
 	"net"
 	"net/http"
@@ -72,7 +77,8 @@ func New(srv *http.Server) *Server {
 	return &Server{
 		srv: srv,
 		bypass: srv.TLSConfig != nil || srv.ReadTimeout != 0 || srv.WriteTimeout != 0 ||
-			srv.ConnState != nil || srv.ConnContext != nil || srv.BaseContext != nil,
+			srv.ConnState != nil || srv.ConnContext != nil || srv.BaseContext != nil ||
+			srv.Protocols != nil && !srv.Protocols.HTTP1(),
 		delay:     DisconnectDelay,
 		listeners: map[*net.Listener]struct{}{},
 		conns:     map[*conn]struct{}{},
@@ -100,6 +106,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 	s.listeners[&ln] = struct{}{}
 	s.mu.Unlock()
+	defer ln.Close() // as net/http
 	defer func() {
 		s.mu.Lock()
 		delete(s.listeners, &ln)
@@ -187,6 +194,13 @@ func (s *Server) Close() error {
 	for c := range s.conns {
 		c.state.Store(stateClosed)
 		_ = c.nc.Close()
+		// As net/http, whose background reads fail now: requests under
+		// way learn at once.
+		c.mu.Lock()
+		if c.cancel != nil {
+			c.cancel()
+		}
+		c.mu.Unlock()
 	}
 	s.mu.Unlock()
 	s.stopWatch()
@@ -273,14 +287,14 @@ type conn struct {
 	state   atomic.Int32
 
 	// Under mu: the request being served and the background read.
-	mu        sync.Mutex
-	inReq     bool
-	reqStart  time.Time
-	pipelined bool // the next request's bytes had arrived already
-	cancel    context.CancelFunc
-	bgDone    chan struct{} // non-nil while a background read runs
-	aborting  bool          // endRequest stops the background read
-	gone      bool          // the background read saw the client go
+	mu       sync.Mutex
+	inReq    bool
+	reqStart time.Time
+	cancel   context.CancelFunc
+	bgDone   chan struct{} // non-nil while a background read runs
+	aborting bool          // endRequest stops the background read
+	gone     bool          // the background read saw the client go
+	notifyCh chan bool     // the request's CloseNotify, if asked for
 }
 
 var (
@@ -292,6 +306,15 @@ var (
 var aLongTimeAgo = time.Unix(1, 0)
 
 func (c *conn) serve(ctx context.Context) {
+	if _, ok := c.nc.(*tls.Conn); ok {
+		// A TLS listener: net/http's alone, unwrapped, so that it sees
+		// the TLS state.
+		c.s.untrack(c)
+		if !c.s.handoff.give(c.nc) {
+			_ = c.nc.Close()
+		}
+		return
+	}
 	c.cr.c = c
 	c.br = readers.Get().(*bufio.Reader)
 	c.br.Reset(&c.cr)
@@ -309,7 +332,10 @@ func (c *conn) serve(ctx context.Context) {
 			_ = c.nc.Close()
 		}
 	}()
-	remote := c.nc.RemoteAddr().String()
+	var remote string
+	if ra := c.nc.RemoteAddr(); ra != nil {
+		remote = ra.String()
+	}
 	srv := c.s.srv
 	for first := true; ; first = false {
 		if !first {
@@ -323,7 +349,7 @@ func (c *conn) serve(ctx context.Context) {
 			} else {
 				_ = c.nc.SetReadDeadline(time.Time{})
 			}
-			if _, err := c.br.Peek(1); err != nil || !c.state.CompareAndSwap(stateIdle, stateActive) {
+			if _, err := c.br.Peek(1); err != nil {
 				return
 			}
 		}
@@ -332,8 +358,14 @@ func (c *conn) serve(ctx context.Context) {
 			deadline = time.Now().Add(d)
 		}
 		_ = c.nc.SetReadDeadline(deadline)
+		// Idle (or new) until the head is in, as net/http: Shutdown
+		// closes a connection whose next head is still coming.
 		head, err := c.readHead()
-		if first && !c.state.CompareAndSwap(stateNew, stateActive) {
+		from := stateIdle
+		if first {
+			from = stateNew
+		}
+		if !c.state.CompareAndSwap(from, stateActive) {
 			return // closed by Shutdown
 		}
 		if err != nil {
@@ -356,17 +388,24 @@ func (c *conn) serve(ctx context.Context) {
 }
 
 // readHead returns the request head at the start of the buffer, blank line
-// included, or nil when it does not fit the buffer or the read failed.
+// included, or nil when it does not fit the buffer, the read failed, or it
+// ends in a bare LF (net/http's reading: a line ends at LF, a CR before it
+// dropped), which the fast lane does not serve.
 func (c *conn) readHead() ([]byte, error) {
 	from := 0
 	for {
 		n := c.br.Buffered()
 		if n > 0 {
 			buf, _ := c.br.Peek(n)
-			if i := bytes.Index(buf[from:], []byte("\r\n\r\n")); i >= 0 {
-				return buf[:from+i+4], nil
+			lf := bytes.Index(buf[from:], []byte("\n\n"))
+			crlf := bytes.Index(buf[from:], []byte("\n\r\n"))
+			switch {
+			case lf >= 0 && (crlf < 0 || lf < crlf):
+				return nil, nil
+			case crlf >= 0:
+				return buf[:from+crlf+3], nil
 			}
-			from = max(0, n-3)
+			from = max(0, n-2)
 			if n == c.br.Size() {
 				return nil, nil
 			}
@@ -383,7 +422,12 @@ func (c *conn) handOff(deadline time.Time) bool {
 		return false
 	}
 	buf, _ := c.br.Peek(c.br.Buffered())
-	hc := &handedConn{Conn: c.nc, replay: append([]byte(nil), buf...), headDeadline: deadline}
+	replay := append([]byte(nil), buf...)
+	if c.cr.hasPending {
+		// A background read's byte the buffer had no room for yet.
+		replay = append(replay, c.cr.pending[0])
+	}
+	hc := &handedConn{Conn: c.nc, replay: replay, headDeadline: deadline}
 	c.state.Store(stateClosed)
 	c.s.handed.Add(1)
 	return c.s.handoff.give(hc)
@@ -398,7 +442,7 @@ func (c *conn) serveRequest(ctx context.Context, parsed *http.Request, remote st
 	req := parsed.WithContext(ctx)
 	req.RemoteAddr = remote
 	c.mu.Lock()
-	c.inReq, c.reqStart, c.cancel, c.pipelined = true, time.Now(), cancel, c.br.Buffered() > 0
+	c.inReq, c.reqStart, c.cancel = true, time.Now(), cancel
 	c.mu.Unlock()
 
 	w := &response{c: c, req: req, header: make(http.Header), contentLength: -1,
@@ -441,11 +485,34 @@ func (c *conn) run(h http.Handler, w *response, req *http.Request) (ok bool) {
 func (c *conn) watch(now time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.inReq || c.pipelined || c.bgDone != nil || now.Sub(c.reqStart) < c.s.delay {
+	if !c.inReq || c.bgDone != nil || now.Sub(c.reqStart) < c.s.delay {
 		return
 	}
+	c.startBackgroundRead()
+}
+
+// startBackgroundRead: c.mu is held. Bytes already buffered (a pipelined
+// request) stay first: the byte read lands after them (connReader).
+func (c *conn) startBackgroundRead() {
 	c.bgDone = make(chan struct{})
 	go c.backgroundRead(c.bgDone)
+}
+
+// closeNotify returns the request's CloseNotify channel and starts the
+// background read if it has not started.
+func (c *conn) closeNotify() <-chan bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.notifyCh == nil {
+		c.notifyCh = make(chan bool, 1)
+		if c.gone {
+			c.notifyCh <- true
+		}
+	}
+	if c.inReq && c.bgDone == nil {
+		c.startBackgroundRead()
+	}
+	return c.notifyCh
 }
 
 // backgroundRead waits for the client to hang up while the handler runs,
@@ -462,6 +529,9 @@ func (c *conn) backgroundRead(done chan struct{}) {
 	if err != nil && !c.aborting {
 		c.gone = true
 		c.cancel()
+		if c.notifyCh != nil {
+			c.notifyCh <- true
+		}
 	}
 }
 
@@ -469,7 +539,7 @@ func (c *conn) backgroundRead(done chan struct{}) {
 // client went away.
 func (c *conn) endRequest() bool {
 	c.mu.Lock()
-	c.inReq = false
+	c.inReq, c.notifyCh = false, nil
 	done := c.bgDone
 	c.aborting = done != nil
 	c.mu.Unlock()
@@ -511,15 +581,22 @@ type connWriter struct{ c *conn }
 
 func (w connWriter) Write(p []byte) (int, error) {
 	n, err := w.c.nc.Write(p)
-	if err != nil && w.c.werr == nil {
-		w.c.werr = err
-		w.c.mu.Lock()
-		if w.c.cancel != nil {
-			w.c.cancel()
-		}
-		w.c.mu.Unlock()
+	if err != nil {
+		w.c.noteWriteError(err)
 	}
 	return n, err
+}
+
+func (c *conn) noteWriteError(err error) {
+	if c.werr != nil {
+		return
+	}
+	c.werr = err
+	c.mu.Lock()
+	if c.cancel != nil {
+		c.cancel()
+	}
+	c.mu.Unlock()
 }
 
 // handedConn is a connection given to net/http: it reads the bytes the fast
@@ -537,10 +614,26 @@ func (h *handedConn) Read(p []byte) (int, error) {
 	if len(h.replay) > 0 {
 		n := copy(p, h.replay)
 		h.replay = h.replay[n:]
+		if len(h.replay) == 0 {
+			h.replay = nil
+		}
 		return n, nil
 	}
 	return h.Conn.Read(p)
 }
+
+// CloseWrite lets net/http half-close before it closes (after a 431, or a
+// request body left unread), as it does on its own connections.
+func (h *handedConn) CloseWrite() error {
+	if cw, ok := h.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("fastlane: no CloseWrite")
+}
+
+// ReadFrom keeps the connection's own (sendfile on TCP) for net/http's
+// response.ReadFrom.
+func (h *handedConn) ReadFrom(r io.Reader) (int64, error) { return io.Copy(h.Conn, r) }
 
 func (h *handedConn) SetReadDeadline(t time.Time) error {
 	if !h.setOnce {
