@@ -8,6 +8,8 @@ import (
 	"net/textproto"
 	"net/url"
 	"strings"
+	"sync"
+	"time"
 
 	"golang.org/x/net/http/httpguts"
 )
@@ -220,17 +222,21 @@ func removeHopByHop(h http.Header) {
 }
 
 // copyBody copies the answer's body to the client as ReverseProxy does: a
-// body of unknown length or an event stream is flushed at once and after
-// every write (long polls and server-sent events must not wait in a
-// buffer), any other is left to the server's buffering. A read error is
-// logged unless it is the client going away; either side's error ends the
-// copy and is returned.
+// body of unknown length or an event stream is flushed after every write
+// (long polls and server-sent events must not wait in a buffer), its head
+// from a timer that fires at once; any other is left to the server's
+// buffering. A read error is logged unless it is the client going away;
+// either side's error ends the copy and is returned.
 func (p *Proxy) copyBody(w http.ResponseWriter, resp *http.Response) error {
-	var flush func() error
+	var dst io.Writer = w
 	if resp.ContentLength == -1 || eventStream(resp.Header) {
-		flush = http.NewResponseController(w).Flush
-		// ReverseProxy flushes the head from a timer that fires at once.
-		_ = flush()
+		// The timer, not a flush here, as ReverseProxy: a first write
+		// that comes before it fires still lets the server sniff a
+		// missing Content-Type from the body.
+		fw := &flushWriter{w: w, flush: http.NewResponseController(w).Flush, pending: true}
+		fw.t = time.AfterFunc(0, fw.flushHead)
+		defer fw.stop()
+		dst = fw
 	}
 	buf := p.buffers.Get()
 	defer p.buffers.Put(buf)
@@ -240,10 +246,7 @@ func (p *Proxy) copyBody(w http.ResponseWriter, resp *http.Response) error {
 			p.rp.ErrorLog.Printf("httputil: ReverseProxy read error during body copy: %v", rerr)
 		}
 		if nr > 0 {
-			nw, werr := w.Write(buf[:nr])
-			if flush != nil {
-				_ = flush()
-			}
+			nw, werr := dst.Write(buf[:nr])
 			if werr != nil {
 				return werr
 			}
@@ -258,6 +261,41 @@ func (p *Proxy) copyBody(w http.ResponseWriter, resp *http.Response) error {
 			return rerr
 		}
 	}
+}
+
+// flushWriter is ReverseProxy's maxLatencyWriter for a negative latency:
+// it flushes after every write, and its timer flushes the head.
+type flushWriter struct {
+	w     io.Writer
+	flush func() error
+	t     *time.Timer
+
+	mu      sync.Mutex
+	pending bool // the head may still need the timer's flush
+}
+
+func (f *flushWriter) Write(b []byte) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n, err := f.w.Write(b)
+	_ = f.flush()
+	return n, err
+}
+
+func (f *flushWriter) flushHead() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.pending {
+		_ = f.flush()
+		f.pending = false
+	}
+}
+
+func (f *flushWriter) stop() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pending = false
+	f.t.Stop()
 }
 
 // eventStream says whether an answer is server-sent events, as
