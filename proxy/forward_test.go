@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/goleak"
 
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/tokencache"
 	"github.com/matrix-auth-proxy/matrix-auth-proxy/upstream"
@@ -103,7 +104,7 @@ func newForwardPair(t testing.TB, basePath string) *forwardPair {
 		t.Cleanup(tr.CloseIdleConnections)
 		fp.transports = append(fp.transports, tr)
 		p, err := New(Config{Upstream: target, Transport: tr, Registerer: prometheus.NewRegistry(),
-			Cache: tokencache.Config{Size: 100, TTL: time.Minute, NegativeTTL: time.Second, LookupTimeout: time.Second}})
+			Cache: testCacheConfig})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -121,6 +122,8 @@ func newForwardPair(t testing.TB, basePath string) *forwardPair {
 	}
 	return fp
 }
+
+var testCacheConfig = tokencache.Config{Size: 100, TTL: time.Minute, NegativeTTL: time.Second, LookupTimeout: time.Second}
 
 // seen is what one request through one proxy came to: the request heads
 // the homeserver received and what the client saw.
@@ -378,4 +381,184 @@ func FuzzForwardSameAsReverseProxy(f *testing.F) {
 		req := fmt.Sprintf("%s %s HTTP/1.1\r\nHost: hs.example\r\n%s:%s\r\nConnection: %s\r\n\r\n", method, target, name, value, connection)
 		fp.compare(t, req, forwardAnswers[int(answer)%len(forwardAnswers)])
 	})
+}
+
+// A homeserver that cannot be reached is a 502 Matrix error on the forward
+// path too, as on rp's.
+func TestForwardUpstreamDown(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens there now
+	tr := upstream.NewTransport(time.Second)
+	defer tr.CloseIdleConnections()
+	p, err := New(Config{Upstream: mustParseURL(t, "http://"+addr), Transport: tr, Registerer: prometheus.NewRegistry(), Cache: testCacheConfig})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bodies [2]string
+	for i, viaForward := range []bool{false, true} {
+		saved := p.direct
+		if !viaForward {
+			p.direct = nil
+		}
+		req := httptest.NewRequest("GET", "/_matrix/client/v3/sync?timeout=0", nil)
+		if p.forwardable(req) != viaForward {
+			t.Fatalf("forwardable: %v, want %v", !viaForward, viaForward)
+		}
+		rec := httptest.NewRecorder()
+		p.ServeHTTP(rec, req)
+		p.direct = saved
+		if rec.Code != http.StatusBadGateway || !strings.Contains(rec.Body.String(), `"errcode":"M_UNKNOWN"`) {
+			t.Errorf("forward=%v: %d %s", viaForward, rec.Code, rec.Body)
+		}
+		bodies[i] = fmt.Sprint(rec.Header(), rec.Body)
+	}
+	if bodies[0] != bodies[1] {
+		t.Errorf("rp answered %s, forward %s", bodies[0], bodies[1])
+	}
+}
+
+// A client that hangs up mid-body ends the forward path's homeserver call:
+// the connection is closed, not pooled for another client, and nothing is
+// left running.
+func TestForwardClientGoneMidBody(t *testing.T) {
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var accepted sync.WaitGroup
+	closed := make(chan struct{}, 2)
+	conns := make(chan net.Conn, 2)
+	accepted.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns <- c
+			accepted.Go(func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					line, err := br.ReadString('\n')
+					if err != nil {
+						return
+					}
+					if line == "\r\n" {
+						break
+					}
+				}
+				// Of unknown length, so that the proxy passes "first" on at once.
+				_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+				_, _ = io.Copy(io.Discard, br) // until the proxy hangs up
+				closed <- struct{}{}
+			})
+		}
+	})
+	defer accepted.Wait()
+	defer ln.Close()
+
+	tr := upstream.NewTransport(time.Second)
+	defer tr.CloseIdleConnections()
+	p, err := New(Config{Upstream: mustParseURL(t, "http://"+ln.Addr().String()), Transport: tr, Registerer: prometheus.NewRegistry(), Cache: testCacheConfig})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.direct == nil {
+		t.Fatal("the proxy would never forward")
+	}
+	front := httptest.NewServer(p)
+	defer front.Close()
+	for range 2 {
+		c, err := net.Dial("tcp", front.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		_, _ = io.WriteString(c, "GET /_matrix/media/v3/download/hs/big HTTP/1.1\r\nHost: hs\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(resp.Body, buf); err != nil || string(buf) != "first" {
+			t.Fatalf("%q %v", buf, err)
+		}
+		c.Close()
+		select {
+		case <-closed:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the homeserver connection stayed open after the client left")
+		}
+	}
+	if n := len(conns); n != 2 {
+		t.Errorf("%d homeserver connections for two requests: one was reused after its client left", n)
+	}
+	close(conns)
+	for c := range conns {
+		c.Close()
+	}
+}
+
+// Upgrades (WebSocket) are not forward's: they go through rp, which splices
+// the two connections after a 101.
+func TestForwardLeavesUpgradesToReverseProxy(t *testing.T) {
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "websocket" {
+			http.Error(w, "no upgrade", 400)
+			return
+		}
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer c.Close()
+		_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+		_ = brw.Flush()
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(brw, buf); err == nil {
+			_, _ = c.Write(buf) // echo
+		}
+	}))
+	defer hs.Close()
+	tr := upstream.NewTransport(time.Second)
+	defer tr.CloseIdleConnections()
+	p, err := New(Config{Upstream: mustParseURL(t, hs.URL), Transport: tr, Registerer: prometheus.NewRegistry(), Cache: testCacheConfig})
+	if err != nil {
+		t.Fatal(err)
+	}
+	front := httptest.NewServer(p)
+	defer front.Close()
+	for _, connection := range []string{"Upgrade", "keep-alive, upgrade"} {
+		req := httptest.NewRequest("GET", "/_matrix/client/v3/ws", nil)
+		req.Header.Set("Connection", connection)
+		req.Header.Set("Upgrade", "websocket")
+		if p.forwardable(req) {
+			t.Errorf("Connection: %s: an upgrade took forward", connection)
+		}
+		c, err := net.Dial("tcp", front.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		_, _ = io.WriteString(c, "GET /_matrix/client/v3/ws HTTP/1.1\r\nHost: hs\r\nConnection: "+connection+"\r\nUpgrade: websocket\r\n\r\n")
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("Connection: %s: %v %v", connection, resp, err)
+		}
+		_, _ = io.WriteString(c, "ping")
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(br, buf); err != nil || string(buf) != "ping" {
+			t.Errorf("Connection: %s: echo %q %v", connection, buf, err)
+		}
+		c.Close()
+	}
 }
