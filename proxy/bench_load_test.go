@@ -57,7 +57,8 @@ func synapseHeader(h http.Header) {
 }
 
 // BenchmarkPassthrough is a GET of ~1 KiB through ServeHTTP and the
-// ReverseProxy to a homeserver on loopback ("proxied"), and the same request
+// forward path to a homeserver on loopback ("proxied"; "proxied-rp" forces
+// the ReverseProxy that forward stands in for), and the same request
 // sent straight with the proxy's Transport ("direct", the floor). Both
 // include the homeserver's own work, which runs in this process too; the
 // difference is the proxy's. Profile with
@@ -71,29 +72,38 @@ func BenchmarkPassthrough(b *testing.B) {
 	}))
 	b.Cleanup(hs.Close)
 	const path = "/_matrix/client/v3/pushrules/"
-	b.Run("proxied", func(b *testing.B) {
-		transport := upstream.NewTransport(time.Second)
-		b.Cleanup(transport.CloseIdleConnections)
-		p, err := New(Config{Upstream: mustParseURL(b, hs.URL), Transport: transport,
-			Cache:      tokencache.Config{Size: 1000, TTL: time.Minute, LookupTimeout: time.Second},
-			Registerer: prometheus.NewRegistry()})
-		if err != nil {
-			b.Fatal(err)
+	for _, viaRP := range []bool{false, true} {
+		name := "proxied" // forward.go, as ServeHTTP chooses
+		if viaRP {
+			name = "proxied-rp" // the ReverseProxy forward replaces
 		}
-		req := httptest.NewRequest("GET", path, nil)
-		req.RemoteAddr = "192.0.2.1:5000"
-		req.Header.Set("Authorization", "Bearer syt_YWxpY2U_abcdefghijklmnopqrst_0A1B2C")
-		req.Header.Set("User-Agent", "Element/1.0")
-		w := &discardWriter{h: http.Header{}}
-		b.ReportAllocs()
-		for b.Loop() {
-			clear(w.h)
-			p.ServeHTTP(w, req)
-		}
-		if w.code != 200 {
-			b.Fatalf("got %d", w.code)
-		}
-	})
+		b.Run(name, func(b *testing.B) {
+			transport := upstream.NewTransport(time.Second)
+			b.Cleanup(transport.CloseIdleConnections)
+			p, err := New(Config{Upstream: mustParseURL(b, hs.URL), Transport: transport,
+				Cache:      tokencache.Config{Size: 1000, TTL: time.Minute, LookupTimeout: time.Second},
+				Registerer: prometheus.NewRegistry()})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if viaRP {
+				p.direct = nil
+			}
+			req := httptest.NewRequest("GET", path, nil)
+			req.RemoteAddr = "192.0.2.1:5000"
+			req.Header.Set("Authorization", "Bearer syt_YWxpY2U_abcdefghijklmnopqrst_0A1B2C")
+			req.Header.Set("User-Agent", "Element/1.0")
+			w := &discardWriter{h: http.Header{}}
+			b.ReportAllocs()
+			for b.Loop() {
+				clear(w.h)
+				p.ServeHTTP(w, req)
+			}
+			if w.code != 200 {
+				b.Fatalf("got %d", w.code)
+			}
+		})
+	}
 	b.Run("direct", func(b *testing.B) {
 		transport := upstream.NewTransport(time.Second)
 		b.Cleanup(transport.CloseIdleConnections)

@@ -1,6 +1,7 @@
 // Package proxy is the HTTP face of matrix-auth-proxy: it answers
 // GET /account/whoami from the token cache, forwards everything else to the
-// homeserver with an httputil.ReverseProxy, drops cache entries when a
+// homeserver with an httputil.ReverseProxy (or, for a body-less GET or HEAD,
+// forward.go's equivalent that costs less), drops cache entries when a
 // forwarded call revoked tokens, and counts it all in Prometheus metrics.
 // ForwardAuth (forwardauth.go) answers ingresses' forward-auth requests for
 // other services from the same cache.
@@ -95,6 +96,10 @@ type Proxy struct {
 	cache   *tokencache.Cache
 	hasher  *tokencache.Hasher
 	rp      *httputil.ReverseProxy
+	// direct is the Transport when forward may be used instead of rp
+	// (forward.go): an *upstream.Transport to an http:// homeserver.
+	direct  *upstream.Transport
+	buffers *bufferPool // rp's and forward's copy buffers
 	log     *zap.Logger
 	m       *metrics
 	replays replayInterner
@@ -169,12 +174,16 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	p.writers.New = func() any { return new(statusWriter) }
+	if t, ok := cfg.Transport.(*upstream.Transport); ok && p.target.Scheme == "http" && p.target.Host != "" {
+		p.direct = t
+	}
+	p.buffers = newBufferPool()
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:        p.rewrite,
 		Transport:      cfg.Transport,
 		ModifyResponse: p.modifyResponse,
 		ErrorHandler:   p.proxyError,
-		BufferPool:     newBufferPool(),
+		BufferPool:     p.buffers,
 		ErrorLog:       zap.NewStdLog(p.log.Named("reverseproxy")),
 	}
 	return p, nil
@@ -254,6 +263,8 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.serveWhoami(sw, r, &c)
 	case len(rt.matches) > 0:
 		p.serveRevoking(sw, r, rt, &c)
+	case p.forwardable(r):
+		p.forward(sw, r)
 	default:
 		p.rp.ServeHTTP(sw, r)
 	}
