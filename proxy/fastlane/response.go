@@ -351,7 +351,7 @@ func (w *response) writeHeader(p []byte) {
 		foreachHeaderElement(v, w.declareTrailer)
 	}
 
-	keepAlives := !w.c.s.shutting.Load() // as net/http: Shutdown ends keep-alive
+	keepAlives := w.c.s.keepAlives() // as net/http: Shutdown ends keep-alive
 	te := get(header, "Transfer-Encoding")
 	hasTE := te != ""
 	if w.handlerDone && !trailers && !hasTE && bodyAllowedForStatus(w.status) && !has(header, "Content-Length") && (!w.isHEAD || len(p) > 0) {

@@ -21,7 +21,8 @@
 // BaseContext or Protocols without HTTP/1 is served by net/http alone. Limits: on the fast lane
 // the ResponseWriter offers no Hijack and http.ResponseController cannot
 // set deadlines (no request there has a body or an upgrade), and
-// SetKeepAlivesEnabled(false) is not seen (Shutdown is). A request's
+// SetKeepAlivesEnabled must be called on the Server, not on the
+// http.Server (the fast lane cannot see that). A request's
 // header values and URL share one copy of its head (at most 4 KiB): a
 // handler that keeps one for long should copy it (strings.Clone).
 package fastlane
@@ -59,6 +60,8 @@ type Server struct {
 	handoff  *handoffListener
 	httpErr  chan error // srv.Serve(handoff)'s result
 	shutting atomic.Bool
+	// noKeepAlives: SetKeepAlivesEnabled(false).
+	noKeepAlives atomic.Bool
 	// served and handed count requests served on the fast lane and
 	// connections handed to net/http (tests look).
 	served, handed atomic.Int64
@@ -182,6 +185,20 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.stopWatch()
 	return <-httpDone
 }
+
+// SetKeepAlivesEnabled is http.Server's, for both lanes: with false,
+// answers say Connection: close and idle connections are closed. Call it
+// here: the fast lane cannot see a call on the http.Server.
+func (s *Server) SetKeepAlivesEnabled(v bool) {
+	s.noKeepAlives.Store(!v)
+	s.srv.SetKeepAlivesEnabled(v)
+	if !v && !s.bypass {
+		s.closeIdle()
+	}
+}
+
+// keepAlives says whether a connection may carry another request.
+func (s *Server) keepAlives() bool { return !s.shutting.Load() && !s.noKeepAlives.Load() }
 
 // Close closes the listeners and every connection at once, as
 // http.Server.Close.
@@ -340,7 +357,7 @@ func (c *conn) serve(ctx context.Context) {
 	for first := true; ; first = false {
 		if !first {
 			c.state.Store(stateIdle)
-			if c.s.shutting.Load() {
+			if !c.s.keepAlives() {
 				return
 			}
 			idle := srv.IdleTimeout
@@ -460,7 +477,7 @@ func (c *conn) serveRequest(ctx context.Context, parsed *http.Request, remote st
 	}
 	w.finish()
 	gone := c.endRequest()
-	return w.reusable() && !gone && !c.s.shutting.Load()
+	return w.reusable() && !gone && c.s.keepAlives()
 }
 
 // run calls the handler, and recovers and logs a panic as net/http does.
