@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -426,22 +427,39 @@ func TestForwardUpstreamDown(t *testing.T) {
 // left running.
 func TestForwardClientGoneMidBody(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	// Of unknown length, so that the proxy passes "first" on at once.
+	hs := startStallingHomeserver(t, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+	defer hs.stop()
+	front := httptest.NewServer(hs.proxy(t))
+	defer front.Close()
+	hs.clientGoneMidBody(t, front.Listener.Addr().String())
+}
+
+// stallingHomeserver answers every request with one canned answer, then
+// reads until the proxy hangs up, and reports each hang-up on closed.
+type stallingHomeserver struct {
+	ln       net.Listener
+	tr       *upstream.Transport
+	accepted sync.WaitGroup
+	conns    atomic.Int32
+	closed   chan struct{}
+}
+
+func startStallingHomeserver(t *testing.T, answer string) *stallingHomeserver {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	var accepted sync.WaitGroup
-	closed := make(chan struct{}, 2)
-	conns := make(chan net.Conn, 2)
-	accepted.Go(func() {
+	hs := &stallingHomeserver{ln: ln, tr: upstream.NewTransport(time.Second), closed: make(chan struct{}, 16)}
+	hs.accepted.Go(func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			conns <- c
-			accepted.Go(func() {
+			hs.conns.Add(1)
+			hs.accepted.Go(func() {
 				defer c.Close()
 				br := bufio.NewReader(c)
 				for {
@@ -453,29 +471,52 @@ func TestForwardClientGoneMidBody(t *testing.T) {
 						break
 					}
 				}
-				// Of unknown length, so that the proxy passes "first" on at once.
-				_, _ = io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+				_, _ = io.WriteString(c, answer)
 				_, _ = io.Copy(io.Discard, br) // until the proxy hangs up
-				closed <- struct{}{}
+				hs.closed <- struct{}{}
 			})
 		}
 	})
-	defer accepted.Wait()
-	defer ln.Close()
+	return hs
+}
 
-	tr := upstream.NewTransport(time.Second)
-	defer tr.CloseIdleConnections()
-	p, err := New(Config{Upstream: mustParseURL(t, "http://"+ln.Addr().String()), Transport: tr, Registerer: prometheus.NewRegistry(), Cache: testCacheConfig})
+// stop ends the homeserver and the proxy's connections to it; deferred
+// before goleak's check runs.
+func (hs *stallingHomeserver) stop() {
+	hs.tr.CloseIdleConnections()
+	_ = hs.ln.Close()
+	hs.accepted.Wait()
+}
+
+// proxy is a Proxy in front of the homeserver that forwards.
+func (hs *stallingHomeserver) proxy(t *testing.T) *Proxy {
+	t.Helper()
+	p, err := New(Config{Upstream: mustParseURL(t, "http://"+hs.ln.Addr().String()), Transport: hs.tr,
+		Registerer: prometheus.NewRegistry(), Cache: testCacheConfig})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if p.direct == nil {
 		t.Fatal("the proxy would never forward")
 	}
-	front := httptest.NewServer(p)
-	defer front.Close()
+	return p
+}
+
+func (hs *stallingHomeserver) waitClosed(t *testing.T) {
+	t.Helper()
+	select {
+	case <-hs.closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the homeserver connection stayed open after the client left")
+	}
+}
+
+// clientGoneMidBody: twice, a client of front reads the start of the body
+// and hangs up; each time the homeserver connection is closed, not pooled.
+func (hs *stallingHomeserver) clientGoneMidBody(t *testing.T, front string) {
+	t.Helper()
 	for range 2 {
-		c, err := net.Dial("tcp", front.Listener.Addr().String())
+		c, err := net.Dial("tcp", front)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -491,18 +532,10 @@ func TestForwardClientGoneMidBody(t *testing.T) {
 			t.Fatalf("%q %v", buf, err)
 		}
 		c.Close()
-		select {
-		case <-closed:
-		case <-time.After(5 * time.Second):
-			t.Fatal("the homeserver connection stayed open after the client left")
-		}
+		hs.waitClosed(t)
 	}
-	if n := len(conns); n != 2 {
+	if n := hs.conns.Load(); n != 2 {
 		t.Errorf("%d homeserver connections for two requests: one was reused after its client left", n)
-	}
-	close(conns)
-	for c := range conns {
-		c.Close()
 	}
 }
 
