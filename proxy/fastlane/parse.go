@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
+	"strings"
 
 	"golang.org/x/net/http/httpguts"
 )
@@ -64,7 +65,7 @@ func parseHead(head []byte, req *http.Request) bool {
 	var host string
 	hosts := 0
 	for {
-		eol := indexByte(rest, '\n')
+		eol := strings.IndexByte(rest, '\n')
 		if eol < 1 || rest[eol-1] != '\r' {
 			return false
 		}
@@ -73,7 +74,7 @@ func parseHead(head []byte, req *http.Request) bool {
 		if line == "" {
 			break
 		}
-		colon := indexByte(line, ':')
+		colon := strings.IndexByte(line, ':')
 		if colon < 1 {
 			return false
 		}
@@ -89,7 +90,7 @@ func parseHead(head []byte, req *http.Request) bool {
 				return false
 			}
 		}
-		value = trimOWS(value)
+		value = textproto.TrimString(value) // no CR or LF left to trim: spaces and tabs
 		key := canonicalKey(name)
 		switch key {
 		case "Host":
@@ -135,26 +136,6 @@ func parseHead(head []byte, req *http.Request) bool {
 	return true
 }
 
-func indexByte(s string, c byte) int {
-	for i := 0; i < len(s); i++ {
-		if s[i] == c {
-			return i
-		}
-	}
-	return -1
-}
-
-// trimOWS removes spaces and tabs around a field value, as net/textproto.
-func trimOWS(s string) string {
-	for len(s) > 0 && (s[0] == ' ' || s[0] == '\t') {
-		s = s[1:]
-	}
-	for len(s) > 0 && (s[len(s)-1] == ' ' || s[len(s)-1] == '\t') {
-		s = s[:len(s)-1]
-	}
-	return s
-}
-
 // canonicalKey is textproto.CanonicalMIMEHeaderKey for a token name,
 // without allocating for the names clients send most.
 func canonicalKey(name string) string {
@@ -171,17 +152,7 @@ var commonKeys = func() map[string]string {
 		"Origin", "Pragma", "Referer", "User-Agent", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto",
 		"X-Real-Ip", "X-Request-Id", "Sec-Fetch-Mode", "Sec-Fetch-Site", "Sec-Fetch-Dest"} {
 		m[k] = k
-		m[bytesToLower(k)] = k
+		m[strings.ToLower(k)] = k
 	}
 	return m
 }()
-
-func bytesToLower(s string) string {
-	b := []byte(s)
-	for i, c := range b {
-		if 'A' <= c && c <= 'Z' {
-			b[i] = c + 'a' - 'A'
-		}
-	}
-	return string(b)
-}

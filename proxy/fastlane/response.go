@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/textproto"
 	"path"
 	"runtime"
 	"strconv"
@@ -474,12 +475,17 @@ func bodyAllowedForStatus(status int) bool {
 func suppressedHeaders(status int) []string {
 	switch {
 	case status == 304:
-		return []string{"Content-Type", "Content-Length", "Transfer-Encoding"}
+		return suppressedHeaders304
 	case !bodyAllowedForStatus(status):
-		return []string{"Content-Length", "Transfer-Encoding"}
+		return suppressedHeadersNoBody
 	}
 	return nil
 }
+
+var (
+	suppressedHeaders304    = []string{"Content-Type", "Content-Length", "Transfer-Encoding"}
+	suppressedHeadersNoBody = []string{"Content-Length", "Transfer-Encoding"}
+)
 
 func isProtocolSwitchResponse(code int, h http.Header) bool {
 	return code == http.StatusSwitchingProtocols && h.Get("Upgrade") != "" &&
@@ -501,7 +507,7 @@ func has(h http.Header, key string) bool {
 // foreachHeaderElement is net/http's: fn for each non-empty element of a
 // comma-separated list.
 func foreachHeaderElement(v string, fn func(string)) {
-	v = trimString(v)
+	v = textproto.TrimString(v)
 	if v == "" {
 		return
 	}
@@ -510,24 +516,11 @@ func foreachHeaderElement(v string, fn func(string)) {
 		return
 	}
 	for f := range strings.SplitSeq(v, ",") {
-		if f = trimString(f); f != "" {
+		if f = textproto.TrimString(f); f != "" {
 			fn(f)
 		}
 	}
 }
-
-// trimString is textproto.TrimString: without ASCII space around.
-func trimString(s string) string {
-	for len(s) > 0 && isASCIISpace(s[0]) {
-		s = s[1:]
-	}
-	for len(s) > 0 && isASCIISpace(s[len(s)-1]) {
-		s = s[:len(s)-1]
-	}
-	return s
-}
-
-func isASCIISpace(b byte) bool { return b == ' ' || b == '\t' || b == '\n' || b == '\r' }
 
 // hasToken is net/http's: whether token is in v, case-insensitively, at
 // token boundaries.
